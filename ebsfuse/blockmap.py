@@ -1,0 +1,269 @@
+"""Block index -> block token, learned lazily from ListSnapshotBlocks and bounded in memory.
+
+Nothing is listed up front. When a read needs a block that no known range covers, one listing
+starts at exactly that block (StartingBlockIndex, MaxResults 10000) and follows empty pages
+until the first page with blocks or the end. The answer covers a known index range: from the
+start up to the last block returned when more pages remain, or to the end of the volume when
+none do. Inside a covered range a block without a token is a hole and reads as zeros.
+
+Ranges expire before their tokens do (`REFRESH_FRACTION` of the lifetime the service gave), and
+a token the service refuses drops its range so the next lookup re-lists. Ranges are kept in
+least-recently-used order and evicted beyond `max_tokens`, so a 64 TiB volume read end to end
+holds a few ranges, never all its tokens.
+
+Concurrency: lookups of covered blocks never wait. Listings are serialized by one lock per
+snapshot (the service allows only 50 list calls a second per account, and two readers usually
+need the same range), and after taking the lock a lookup checks again whether a concurrent
+listing already covered its block.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .client import BlockPage
+from .errors import EbsError
+
+log = logging.getLogger(__name__)
+
+# Refresh a range once 80% of its tokens' lifetime has passed: with the service's 7 days that
+# is days early, and with a 2 s test TTL it still leaves 0.4 s for requests already under way.
+REFRESH_FRACTION = 0.8
+# Each dense range holds up to 10000 tokens (about 1 MiB with the index array); 100k tokens
+# (~50 GiB of a fully written volume) is plenty for any working set and caps memory near 12 MiB.
+DEFAULT_MAX_TOKENS = 100_000
+# A service may interleave empty pages; following this many without a block is a broken
+# listing, not a slow one, and fails the read rather than looping forever.
+MAX_EMPTY_PAGES = 1000
+# Known-coverage intervals kept for st_blocks; merging keeps this small for sequential access.
+MAX_COVERAGE_INTERVALS = 4096
+
+Lister = Callable[[int | None, str | None], Awaitable[BlockPage]]
+
+
+@dataclass
+class TokenRange:
+    start: int
+    end: int  # exclusive
+    indexes: array = field(default_factory=lambda: array("q"))
+    tokens: list[str] = field(default_factory=list)
+    refresh_at: float | None = None  # time.monotonic(); None: no expiry given
+
+    def token_for(self, index: int) -> str | None:
+        i = bisect.bisect_left(self.indexes, index)
+        if i < len(self.indexes) and self.indexes[i] == index:
+            return self.tokens[i]
+        return None
+
+
+class BlockMap:
+    """Tokens for one snapshot. `lister(start_index, next_token)` performs one list call."""
+
+    def __init__(
+        self,
+        snapshot_id: str,
+        num_blocks: int,
+        lister: Lister,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.snapshot_id = snapshot_id
+        self.num_blocks = num_blocks
+        self._lister = lister
+        self._max_tokens = max_tokens
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._ranges: OrderedDict[int, TokenRange] = OrderedDict()  # by start, in LRU order
+        self._starts: list[int] = []  # sorted starts of self._ranges
+        self._token_count = 0
+        self._lock = trio.Lock()
+        # (start, end, allocated) intervals known from listings, merged when adjacent.
+        self._coverage: list[tuple[int, int, int]] = []
+        self.list_calls = 0
+        self.refreshes = 0
+        self.evictions = 0
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def _find(self, index: int) -> TokenRange | None:
+        i = bisect.bisect_right(self._starts, index) - 1
+        if i < 0:
+            return None
+        rng = self._ranges[self._starts[i]]
+        if index >= rng.end:
+            return None
+        return rng
+
+    def _fresh(self, rng: TokenRange) -> bool:
+        return rng.refresh_at is None or self._clock() < rng.refresh_at
+
+    def cached_lookup(self, index: int) -> tuple[bool, str | None]:
+        """(known, token) without listing: known is False when a listing is needed."""
+        rng = self._find(index)
+        if rng is None or not self._fresh(rng):
+            return False, None
+        self._ranges.move_to_end(rng.start)
+        return True, rng.token_for(index)
+
+    async def lookup(self, index: int) -> str | None:
+        """The token of block `index`, or None if the block was never written (a hole)."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        known, token = self.cached_lookup(index)
+        if known:
+            return token
+        async with self._lock:
+            known, token = self.cached_lookup(index)
+            if known:
+                return token
+            stale = self._find(index)
+            if stale is not None:
+                self.refreshes += 1
+            rng = await self._list_from(index)
+            self._insert(rng)
+            return rng.token_for(index)
+
+    def invalidate(self, index: int) -> None:
+        """Forget the range holding `index` (its token was refused); the next lookup re-lists."""
+        rng = self._find(index)
+        if rng is not None:
+            self._remove(rng)
+
+    # -- listing ----------------------------------------------------------------------------
+
+    async def _list_from(self, index: int) -> TokenRange:
+        next_token: str | None = None
+        empty_pages = 0
+        while True:
+            self.list_calls += 1
+            page = await self._lister(None if next_token else index, next_token)
+            if page.blocks or not page.next_token:
+                break
+            empty_pages += 1
+            if empty_pages >= MAX_EMPTY_PAGES:
+                raise EbsError(
+                    f"listing returned {empty_pages} empty pages in a row",
+                    snapshot_id=self.snapshot_id,
+                    block_index=index,
+                    code="ListingStalled",
+                    retryable=True,
+                )
+            next_token = page.next_token
+        return self._range_from_page(index, page)
+
+    def seed(self, page: BlockPage) -> None:
+        """Keep what a first listing from block 0 (the mount's describe call) already told."""
+        self._insert(self._range_from_page(0, page))
+
+    def _range_from_page(self, index: int, page: BlockPage) -> TokenRange:
+        blocks = [(i, t) for i, t in page.blocks if index <= i < self.num_blocks]
+        end = blocks[-1][0] + 1 if page.next_token and blocks else self.num_blocks
+        if page.next_token and not blocks:
+            end = index  # an empty page with more to come says nothing
+        rng = TokenRange(start=index, end=end)
+        rng.indexes.extend(i for i, _ in blocks)
+        rng.tokens.extend(t for _, t in blocks)
+        if page.expiry is not None:
+            lifetime = page.expiry.timestamp() - self._wall_clock()
+            if lifetime > 0:
+                rng.refresh_at = self._clock() + lifetime * REFRESH_FRACTION
+            else:
+                # Clock skew or an already-expired answer: do not re-list in a loop; a refused
+                # token will invalidate the range instead.
+                log.warning(
+                    "%s: block tokens from the listing at %d expire in the past (%s); "
+                    "check the system clock",
+                    self.snapshot_id,
+                    index,
+                    page.expiry.isoformat(),
+                )
+        if rng.end > rng.start:
+            self._record_coverage(rng)
+        log.debug(
+            "%s: listed blocks %d..%d: %d tokens", self.snapshot_id, rng.start, rng.end, len(blocks)
+        )
+        return rng
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _insert(self, rng: TokenRange) -> None:
+        if rng.end <= rng.start:
+            return
+        # Ranges never overlap: drop any that the new one touches.
+        i = bisect.bisect_right(self._starts, rng.start) - 1
+        i = max(i, 0)
+        doomed = []
+        while i < len(self._starts) and self._starts[i] < rng.end:
+            other = self._ranges[self._starts[i]]
+            if other.end > rng.start:
+                doomed.append(other)
+            i += 1
+        for other in doomed:
+            self._remove(other)
+        bisect.insort(self._starts, rng.start)
+        self._ranges[rng.start] = rng
+        self._token_count += len(rng.tokens)
+        while self._token_count > self._max_tokens and len(self._ranges) > 1:
+            _, oldest = next(iter(self._ranges.items()))
+            self._remove(oldest)
+            self.evictions += 1
+
+    def _remove(self, rng: TokenRange) -> None:
+        del self._ranges[rng.start]
+        self._starts.pop(bisect.bisect_left(self._starts, rng.start))
+        self._token_count -= len(rng.tokens)
+
+    def _record_coverage(self, rng: TokenRange) -> None:
+        """Add what a listing taught about allocation, for st_blocks.
+
+        Snapshots are immutable, so only the parts of the new range no earlier listing covered
+        add knowledge; their allocated counts come straight from the new range's indexes.
+        """
+        intervals = list(self._coverage)
+        cursor = rng.start
+        for s, e, _ in self._coverage:
+            if e <= cursor or s >= rng.end:
+                continue
+            if s > cursor:
+                intervals.append(self._counted(rng, cursor, s))
+            cursor = max(cursor, e)
+        if cursor < rng.end:
+            intervals.append(self._counted(rng, cursor, rng.end))
+        intervals.sort()
+        merged: list[tuple[int, int, int]] = []
+        for s, e, a in intervals:
+            if merged and merged[-1][1] == s:
+                ps, _, pa = merged[-1]
+                merged[-1] = (ps, e, pa + a)
+            else:
+                merged.append((s, e, a))
+        if len(merged) <= MAX_COVERAGE_INTERVALS:
+            self._coverage = merged
+
+    @staticmethod
+    def _counted(rng: TokenRange, start: int, end: int) -> tuple[int, int, int]:
+        lo = bisect.bisect_left(rng.indexes, start)
+        hi = bisect.bisect_left(rng.indexes, end)
+        return (start, end, hi - lo)
+
+    @property
+    def token_count(self) -> int:
+        return self._token_count
+
+    @property
+    def range_count(self) -> int:
+        return len(self._ranges)
+
+    def known_hole_blocks(self) -> int:
+        """Blocks known never to have been written, from every listing so far."""
+        return sum((e - s) - a for s, e, a in self._coverage)

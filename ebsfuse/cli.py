@@ -1,0 +1,265 @@
+"""Command-line parsing: one function per command, each turning arguments into a library call.
+
+Every failure the user can act on ends as one line on stderr and a non-zero exit status;
+tracebacks are for bugs only. `ebsfuse SOURCE MOUNTPOINT -o OPTIONS` (mount.fuse3's calling
+convention, used by `mount -t fuse.ebsfuse` and fstab) is translated to `ebsfuse mount`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from . import BLOCK_SIZE, __version__
+from .errors import EbsfuseError, UsageError
+
+PROG = "ebsfuse"
+COMMANDS = ("mount", "unmount", "umount", "upload", "emulator")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+# mount(8) and mount.fuse3 pass generic options along; they mean nothing for a read-only
+# snapshot image (always ro, nodev, nosuid in effect), so they are accepted and ignored.
+_GENERIC_MOUNT_OPTIONS = {
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
+    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+}  # fmt: skip
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line, not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def parse_size(text: str) -> int:
+    """'256M' -> bytes. K, M, G and T are powers of 1024, as in `--cache-size 2G`."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (use e.g. 512M or 2G)")
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    return int(value)
+
+
+def cache_size(text: str) -> int:
+    size = parse_size(text)
+    if size < BLOCK_SIZE:
+        raise argparse.ArgumentTypeError(f"cache size {text!r} is smaller than one 512 KiB block")
+    return size
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--region", help="AWS region (default: from the AWS configuration)")
+    p.add_argument("--profile", help="AWS profile from the shared configuration files")
+    p.add_argument(
+        "--endpoint-url",
+        help="EBS endpoint, e.g. an emulator's (AWS_ENDPOINT_URL_EBS is honoured too)",
+    )
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog=PROG,
+        description="Mount Amazon EBS snapshots as sparse read-only disk images.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+
+    m = sub.add_parser("mount", help="mount snapshots as <snapshot-id>.img files")
+    m.add_argument("snapshots", nargs="+", metavar="SNAPSHOT_ID", help="one or more snapshot ids")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    add_client_arguments(m)
+    m.add_argument(
+        "--cache-size",
+        type=cache_size,
+        default="256M",
+        help="bytes of verified blocks kept in memory (K/M/G suffixes; default 256M)",
+    )
+    m.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=64,
+        help="GetSnapshotBlock requests in flight at most (default 64)",
+    )
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    m.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="daemon log level (default INFO)",
+    )
+    m.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    for name in ("unmount", "umount"):
+        u = sub.add_parser(name, help="unmount an ebsfuse mount" if name == "unmount" else None)
+        u.add_argument("mountpoint", metavar="MOUNTPOINT")
+        u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+        u.set_defaults(func=cmd_unmount)
+
+    up = sub.add_parser("upload", help="upload a raw disk image as a new snapshot")
+    up.add_argument("image", metavar="IMAGE")
+    add_client_arguments(up)
+    up.add_argument("--description", default="", help="snapshot description")
+    up.add_argument("--workers", type=positive_int, default=64, help="parallel uploads (64)")
+    up.add_argument("--json", action="store_true", help="print the result as JSON")
+    up.set_defaults(func=cmd_upload)
+
+    from .emulator.cli import add_arguments as add_emulator_arguments
+
+    em = sub.add_parser("emulator", help="run a local EBS direct API server")
+    add_emulator_arguments(em)
+    em.set_defaults(func=cmd_emulator)
+    return parser
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import MountOptions, check_options, run_daemon, start_background
+
+    opts = MountOptions(
+        snapshot_ids=list(args.snapshots),
+        mountpoint=os.path.abspath(args.mountpoint),
+        region=args.region,
+        profile=args.profile,
+        endpoint_url=args.endpoint_url,
+        cache_bytes=args.cache_size,
+        max_concurrency=args.max_concurrency,
+        foreground=args.foreground,
+        allow_other=args.allow_other,
+        log_level=args.log_level,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        ready_fd=args.ready_fd,
+    )
+    check_options(opts)
+    if opts.foreground:
+        return run_daemon(opts)
+    start_background(opts)
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from .mount import unmount
+
+    unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from .client import ClientSettings, EbsClient
+    from .upload import upload_image
+
+    client = EbsClient(
+        ClientSettings(
+            region=args.region,
+            profile=args.profile,
+            endpoint_url=args.endpoint_url,
+            max_pool_connections=args.workers,
+        )
+    )
+    result = upload_image(client, args.image, description=args.description, workers=args.workers)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(result.snapshot_id)
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from .emulator.cli import run
+
+    return run(args)
+
+
+# -- mount.fuse3 convention ---------------------------------------------------------------
+
+
+def translate_mount_helper_argv(argv: list[str]) -> list[str]:
+    """`SOURCE MOUNTPOINT [-o opt,opt=value] [-f]` -> `mount ... MOUNTPOINT --option ...`.
+
+    SOURCE may name several snapshots separated by commas or colons (fstab has one field).
+    """
+    positional: list[str] = []
+    options: list[str] = []
+    out_flags: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            options += next(it, "").split(",")
+        elif arg.startswith("-o") and len(arg) > 2:
+            options += arg[2:].split(",")
+        elif arg in ("-f", "--foreground"):
+            out_flags.append("--foreground")
+        elif arg in ("-n", "-s", "-v"):
+            continue  # mount(8)'s no-mtab, sloppy and verbose flags
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise UsageError(
+            "expected SOURCE MOUNTPOINT with -o options (mount.fuse3 convention), "
+            f"or a command: {', '.join(COMMANDS[:-1])}"
+        )
+    source, mountpoint = positional
+    for option in filter(None, (o.strip() for o in options)):
+        key, _, value = option.partition("=")
+        key_flag = key.replace("_", "-")
+        if key in _GENERIC_MOUNT_OPTIONS or key.startswith("x-") or key == "fsname":
+            continue
+        if key_flag in ("allow-other", "foreground"):
+            out_flags.append(f"--{key_flag}")
+        elif key_flag in (
+            "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
+            "log-level", "log-file",
+        ):  # fmt: skip
+            if not value:
+                raise UsageError(f"mount option {key} needs a value ({key}=...)")
+            out_flags += [f"--{key_flag}", value]
+        else:
+            raise UsageError(f"unknown mount option {option!r}")
+    snapshots = [s for s in re.split(r"[,:]", source) if s]
+    return ["mount", *out_flags, "--", *snapshots, mountpoint]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
+            args_list = translate_mount_helper_argv(args_list)
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except EbsfuseError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Errors raised by ebsfuse, each carrying what a user needs to act on it.
+
+An `EbsError` names the snapshot, the block index (where there is one), the service's error
+code and reason, and whether trying again can help. The CLI prints `str(error)` as its one line
+on stderr; the daemon logs it.
+"""
+
+from __future__ import annotations
+
+
+class EbsfuseError(Exception):
+    """A failure the user can act on; its message is the whole story, no traceback needed."""
+
+
+class UsageError(EbsfuseError):
+    """Bad command-line input."""
+
+
+class EbsError(EbsfuseError):
+    """A failed EBS direct API call, or a block that failed verification."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        snapshot_id: str | None = None,
+        block_index: int | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        retryable: bool = False,
+        throttled: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.snapshot_id = snapshot_id
+        self.block_index = block_index
+        self.code = code
+        self.reason = reason
+        self.retryable = retryable
+        self.throttled = throttled
+
+    @property
+    def token_refused(self) -> bool:
+        """The block token was refused (expired or superseded): re-list and try once more."""
+        return self.reason == "INVALID_BLOCK_TOKEN"
+
+    def __str__(self) -> str:
+        where = []
+        if self.snapshot_id:
+            where.append(self.snapshot_id)
+        if self.block_index is not None:
+            where.append(f"block {self.block_index}")
+        what = self.code or "error"
+        if self.reason:
+            what += f" ({self.reason})"
+        prefix = ": ".join(where)
+        return f"{prefix}: {what}: {self.message}" if prefix else f"{what}: {self.message}"
+
+
+class ChecksumMismatch(EbsError):
+    """A block whose bytes do not match the SHA-256 or length the service sent with it."""

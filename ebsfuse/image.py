@@ -1,0 +1,141 @@
+"""A snapshot as a flat disk image: byte ranges -> blocks, holes as zeros, reads clamped at EOF.
+
+`SnapshotImage.read` is what the filesystem's read handler calls, and what tests call without
+FUSE. It knows nothing of pyfuse3.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import trio
+
+from . import BLOCK_SIZE, GIB
+from .blockmap import BlockMap
+from .client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
+from .errors import EbsError
+from .reader import FetchContext, SnapshotReader
+
+log = logging.getLogger(__name__)
+
+_ZEROS = bytes(BLOCK_SIZE)
+# The describe call needs only VolumeSize and BlockSize; 100 is the smallest page botocore
+# accepts, so mounting costs one small request however large the volume.
+DESCRIBE_PAGE = 100
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot_id: str
+    volume_size_gib: int
+    block_size: int
+    first_page: BlockPage
+
+    @property
+    def size_bytes(self) -> int:
+        return self.volume_size_gib * GIB
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.size_bytes / self.block_size)
+
+
+def describe_snapshot(client: EbsClient, snapshot_id: str, policy: RetryPolicy) -> SnapshotInfo:
+    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable."""
+    validate_snapshot_id(snapshot_id)
+    page = call_with_retries(
+        lambda: client.list_blocks(snapshot_id, max_results=DESCRIBE_PAGE), policy
+    )
+    if page.block_size != BLOCK_SIZE:
+        raise EbsError(
+            f"block size {page.block_size} is not the {BLOCK_SIZE} bytes EBS uses",
+            snapshot_id=snapshot_id,
+            code="UnsupportedBlockSize",
+        )
+    if page.volume_size_gib <= 0:
+        raise EbsError("the service reported no volume size", snapshot_id=snapshot_id)
+    return SnapshotInfo(snapshot_id, page.volume_size_gib, page.block_size, page)
+
+
+class SnapshotImage:
+    """Random-access reads of one snapshot's disk image."""
+
+    def __init__(
+        self,
+        info: SnapshotInfo,
+        ctx: FetchContext,
+        *,
+        start_time: datetime | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.info = info
+        self.snapshot_id = info.snapshot_id
+        self.size = info.size_bytes
+        self.start_time = start_time
+        kwargs = {"max_tokens": max_tokens} if max_tokens else {}
+        self.blockmap = BlockMap(info.snapshot_id, info.num_blocks, self._list, **kwargs)
+        self.blockmap.seed(info.first_page)
+        self.reader = SnapshotReader(info.snapshot_id, self.blockmap, ctx)
+        self._ctx = ctx
+
+    async def _list(self, start_index: int | None, next_token: str | None) -> BlockPage:
+        ctx = self._ctx
+        attempt = 1
+        while True:
+            try:
+                return await trio.to_thread.run_sync(
+                    lambda: ctx.client.list_blocks(
+                        self.snapshot_id, start_index=start_index, next_token=next_token
+                    ),
+                    limiter=ctx.limiter,
+                )
+            except EbsError as error:
+                if not error.retryable or attempt >= ctx.policy.max_attempts(error):
+                    raise
+                ctx.stats.count_retry(error)
+                await trio.sleep(ctx.policy.delay(attempt))
+                attempt += 1
+
+    def allocated_bytes(self) -> int:
+        """Bytes possibly written: the volume less the blocks known to be holes."""
+        return max(0, self.size - self.blockmap.known_hole_blocks() * BLOCK_SIZE)
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """`size` bytes from `offset`, fewer at EOF; blocks of the range fetched concurrently."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        first = offset // BLOCK_SIZE
+        last = (end - 1) // BLOCK_SIZE
+        if first == last:
+            block = await self.reader.read_block(first)
+            start = offset - first * BLOCK_SIZE
+            return (block or _ZEROS)[start : start + (end - offset)]
+        blocks: dict[int, bytes | None] = {}
+
+        async def fetch(index: int) -> None:
+            blocks[index] = await self.reader.read_block(index)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(first, last + 1):
+                    nursery.start_soon(fetch, index)
+        except BaseExceptionGroup as group:
+            # Report one block's failure, not a group: callers handle EbsError.
+            matched, _ = group.split(EbsError)
+            if matched is None:
+                raise
+            while isinstance(matched, BaseExceptionGroup):
+                matched = matched.exceptions[0]
+            raise matched from None
+        out = bytearray()
+        for index in range(first, last + 1):
+            lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
+            hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
+            out += memoryview(blocks[index] or _ZEROS)[lo:hi]
+        return bytes(out)

@@ -1,0 +1,362 @@
+"""The mount's life cycle: checks, background start with readiness, signals, clean unmount.
+
+`ebsfuse mount` without `--foreground` checks what it can cheaply (ids, mount point,
+/dev/fuse), then starts the daemon as a new session (`python -m ebsfuse mount --foreground
+--ready-fd N ...`) and waits on a pipe. The daemon describes each snapshot, mounts, and writes
+`ok` once the mount is live, or `error <reason>` if it is not; the command exits 0 or prints
+that reason. So the command returns only when the image can be read, which is what mount(8),
+fstab and scripts need. A daemon started by systemd (`Type=notify`) signals READY=1 instead.
+
+The daemon mounts with `auto_unmount`, so if it dies the kernel helper unmounts; SIGINT and
+SIGTERM end the FUSE loop and unmount cleanly with exit status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from .client import ClientSettings, EbsClient, RetryPolicy, validate_snapshot_id
+from .errors import EbsfuseError, UsageError
+from .fs import SnapshotFS
+from .image import SnapshotImage, describe_snapshot
+from .reader import FetchContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 256 * 1024**2
+# 64 requests in flight reach ~640 blocks/s at the service's typical 100 ms, within its
+# 1000/s per-snapshot quota; the connection pool is sized to match.
+DEFAULT_MAX_CONCURRENCY = 64
+# How long `ebsfuse mount` waits for the daemon: describing a snapshot retries within the
+# retry budget (under a minute), so two minutes means the daemon is stuck, not slow.
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass
+class MountOptions:
+    snapshot_ids: list[str]
+    mountpoint: str
+    region: str | None = None
+    profile: str | None = None
+    endpoint_url: str | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    foreground: bool = False
+    allow_other: bool = False
+    log_level: str = "INFO"
+    log_file: str | None = None
+    ready_fd: int | None = None
+    extra: list[str] = field(default_factory=list)
+
+    def daemon_argv(self, ready_fd: int) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "ebsfuse",
+            "mount",
+            "--foreground",
+            "--ready-fd",
+            str(ready_fd),
+        ]
+        for flag, value in (
+            ("--region", self.region),
+            ("--profile", self.profile),
+            ("--endpoint-url", self.endpoint_url),
+            ("--log-file", self.log_file),
+        ):
+            if value:
+                argv += [flag, value]
+        argv += ["--cache-size", str(self.cache_bytes)]
+        argv += ["--max-concurrency", str(self.max_concurrency)]
+        argv += ["--log-level", self.log_level]
+        if self.allow_other:
+            argv.append("--allow-other")
+        return [*argv, "--", *self.snapshot_ids, self.mountpoint]
+
+
+# -- checks that need no network ----------------------------------------------------------
+
+
+def check_options(opts: MountOptions) -> None:
+    """Everything that can be refused before starting a daemon, each with one clear line."""
+    if not opts.snapshot_ids:
+        raise UsageError("no snapshot id given")
+    seen: set[str] = set()
+    for sid in opts.snapshot_ids:
+        validate_snapshot_id(sid)
+        if sid in seen:
+            raise UsageError(f"{sid} is given twice")
+        seen.add(sid)
+    if opts.max_concurrency < 1:
+        raise UsageError("--max-concurrency must be at least 1")
+    check_mountpoint(opts.mountpoint)
+    check_fuse_device()
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.lexists(path):
+        raise UsageError(f"mount point {path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point (unmount it first)")
+
+
+def check_fuse_device() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as exc:
+        hint = "is the fuse kernel module loaded, or is /dev/fuse passed into this container?"
+        raise EbsfuseError(f"cannot open /dev/fuse: {exc.strerror}; {hint}") from None
+    os.close(fd)
+
+
+# -- logging ------------------------------------------------------------------------------
+
+
+def setup_daemon_logging(opts: MountOptions) -> None:
+    root = logging.getLogger()
+    root.setLevel(opts.log_level.upper())
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    if opts.log_file:
+        handler = logging.FileHandler(opts.log_file)
+    elif opts.ready_fd is None:
+        handler = logging.StreamHandler(sys.stderr)  # a foreground run: journald or a terminal
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        fmt = "ebsfuse[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root.handlers[:] = [handler]
+
+
+# -- background start ---------------------------------------------------------------------
+
+
+def start_background(opts: MountOptions) -> None:
+    """Start the daemon and return once its mount is live; raise with its reason otherwise."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            opts.daemon_argv(write_fd),
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(write_fd)
+    try:
+        message = _read_ready(read_fd, proc)
+    except BaseException:
+        # Ctrl-C or a timeout while waiting: take the daemon down with its mount.
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    finally:
+        os.close(read_fd)
+    if message == "ok":
+        return
+    if message.startswith("error "):
+        raise EbsfuseError(message[len("error ") :])
+    status = proc.wait()
+    raise EbsfuseError(
+        f"the mount daemon exited with status {status} before the mount was live"
+        + (f"; see {opts.log_file}" if opts.log_file else "; see the system log")
+    )
+
+
+def _read_ready(read_fd: int, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    chunks = []
+    with os.fdopen(os.dup(read_fd), "rb", buffering=0) as pipe:
+        os.set_blocking(pipe.fileno(), True)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EbsfuseError(f"the mount daemon was not ready in {READY_TIMEOUT_S:.0f} s")
+            readable, _, _ = select.select([pipe], [], [], remaining)
+            if not readable:
+                continue
+            chunk = pipe.read(4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+class Readiness:
+    """Tells whoever started us how the mount went: the ready pipe and/or systemd."""
+
+    def __init__(self, ready_fd: int | None) -> None:
+        self._fd = ready_fd
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, (line + "\n").encode())
+            os.close(self._fd)
+        self._fd = None
+
+    def ready(self) -> None:
+        self._send("ok")
+        sd_notify("READY=1")
+
+    def failed(self, reason: str) -> None:
+        self._send("error " + reason)
+
+
+def sd_notify(state: str) -> None:
+    """systemd's readiness protocol, without a dependency: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.connect(address)
+        sock.sendall(state.encode())
+
+
+def build_filesystem(opts: MountOptions, client: EbsClient) -> SnapshotFS:
+    policy = RetryPolicy()
+    ctx = FetchContext(
+        client, cache_bytes=opts.cache_bytes, max_concurrency=opts.max_concurrency, policy=policy
+    )
+    images = []
+    for sid in opts.snapshot_ids:
+        info = describe_snapshot(client, sid, policy)
+        log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
+        images.append(SnapshotImage(info, ctx, start_time=None))
+    return SnapshotFS(images, uid=os.getuid(), gid=os.getgid())
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"ro", "fsname=ebsfuse", "subtype=ebsfuse", "auto_unmount"}
+    if opts.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def run_daemon(opts: MountOptions) -> int:
+    """Mount and serve until unmounted or signalled. Returns the exit status."""
+    setup_daemon_logging(opts)
+    readiness = Readiness(opts.ready_fd)
+    try:
+        client = EbsClient(
+            ClientSettings(
+                region=opts.region,
+                profile=opts.profile,
+                endpoint_url=opts.endpoint_url,
+                max_pool_connections=opts.max_concurrency,
+            )
+        )
+        fs = build_filesystem(opts, client)
+        check_mountpoint(opts.mountpoint)
+        try:
+            pyfuse3.init(fs, opts.mountpoint, fuse_options(opts))
+        except RuntimeError as exc:
+            raise EbsfuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
+    except EbsfuseError as error:
+        log.error("%s", error)
+        readiness.failed(str(error))
+        if opts.ready_fd is None:
+            print(f"ebsfuse: {error}", file=sys.stderr)
+        return 1
+    log.info("mounted %s at %s", ", ".join(opts.snapshot_ids), opts.mountpoint)
+    try:
+        trio.run(_serve, readiness)
+    except BaseException:
+        log.exception("the filesystem loop failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", opts.mountpoint)
+    return 0
+
+
+async def _serve(readiness: Readiness) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        readiness.ready()
+        await pyfuse3.main()
+        # Unmounted from outside (fusermount3 -u / umount): the loop ended on its own.
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """`ebsfuse unmount`: detach the mount; the daemon sees it and exits."""
+    path = os.path.abspath(mountpoint)
+    if not os.path.ismount(path):
+        raise UsageError(f"{mountpoint} is not mounted")
+    if not _is_ebsfuse_mount(path):
+        raise UsageError(f"{mountpoint} is not an ebsfuse mount")
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), path]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        done = subprocess.run(
+            ["umount", *(["-l"] if lazy else []), path], capture_output=True, text=True, check=False
+        )
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        reason = detail[-1] if detail else f"exit status {done.returncode}"
+        if "busy" in reason.lower():
+            reason += " (a loop device or a process still uses it; try --lazy)"
+        raise EbsfuseError(f"cannot unmount {mountpoint}: {reason}")
+
+
+def _is_ebsfuse_mount(path: str) -> bool:
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            sep = fields.index("-")
+            target = fields[4].replace("\\040", " ")
+            if target == path and fields[sep + 1] in ("fuse.ebsfuse", "fuse"):
+                return True
+    return False
+
+
+def wait_unmounted(path: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while os.path.ismount(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
