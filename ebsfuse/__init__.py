@@ -1,4 +1,4 @@
-"""ebsfuse: mount Amazon EBS snapshots as sparse, read-only disk images, read lazily and verified."""
+"""ebsfuse: mount Amazon EBS snapshots as sparse, read-only disk images, read lazily, verified."""
 
 __version__ = "0.1.0"
 

@@ -117,7 +117,7 @@ def b64_sha256(data: bytes | memoryview) -> str:
 def validate_snapshot_id(snapshot_id: str) -> str:
     if not SNAPSHOT_ID_RE.match(snapshot_id):
         raise EbsError(
-            "not a snapshot id (expected snap- followed by hex digits, e.g. snap-0123456789abcdef0)",
+            "not a snapshot id (expected snap- and hex digits, e.g. snap-0123456789abcdef0)",
             snapshot_id=snapshot_id,
             code="InvalidSnapshotId",
         )

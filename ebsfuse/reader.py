@@ -100,7 +100,7 @@ class FetchContext:
 
 
 class SnapshotReader:
-    """Blocks of one snapshot: `read_block(index)` returns its verified bytes, or None for a hole."""
+    """One snapshot's blocks: `read_block(index)` gives verified bytes, or None for a hole."""
 
     def __init__(
         self,

@@ -97,7 +97,7 @@ def env(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
-def ebs(emu: Emulator, env: dict[str, str]):  # noqa: ANN201 - boto3 client type is dynamic
+def ebs(emu: Emulator, env: dict[str, str]):
     return boto3.client("ebs", endpoint_url=emu.endpoint, region_name="us-east-1")
 
 
@@ -166,7 +166,7 @@ def run_ebsfuse(
     )
 
 
-def wait_for(predicate, timeout: float = DEADLINE_S, what: str = "condition") -> None:  # noqa: ANN001
+def wait_for(predicate, timeout: float = DEADLINE_S, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

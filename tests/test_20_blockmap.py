@@ -6,7 +6,7 @@ would not change (the emulator-backed tests in test_21 cover the same paths over
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 import trio
@@ -57,11 +57,11 @@ class FakeListing:
         return BlockPage(blocks, next_token, expiry, 1, BLOCK_SIZE)
 
 
-def run(fn, *args):  # noqa: ANN001, ANN201
+def run(fn, *args):
     return trio.run(fn, *args)
 
 
-def make_map(listing: FakeListing, num_blocks: int = 2048, **kw) -> BlockMap:  # noqa: ANN003
+def make_map(listing: FakeListing, num_blocks: int = 2048, **kw) -> BlockMap:
     return BlockMap(
         "snap-0123456789abcdef0",
         num_blocks,
