@@ -245,7 +245,9 @@ class EbsClient:
         except Exception as exc:
             raise translate(exc, snapshot_id=snapshot_id, block_index=start_index) from None
         return BlockPage(
-            blocks=[(b["BlockIndex"], b["BlockToken"]) for b in r.get("Blocks", [])],
+            # Sorted and coerced defensively: the API promises ascending integers, but a
+            # stand-in (moto) sends strings in insertion order, and bisect needs order.
+            blocks=sorted((int(b["BlockIndex"]), b["BlockToken"]) for b in r.get("Blocks", [])),
             next_token=r.get("NextToken") or None,
             expiry=r.get("ExpiryTime"),
             volume_size_gib=int(r.get("VolumeSize", 0)),
@@ -273,9 +275,10 @@ class EbsClient:
         except Exception as exc:
             raise translate(exc, snapshot_id=second_snapshot_id) from None
         changed = [
-            ChangedBlock(b["BlockIndex"], b.get("FirstBlockToken"), b.get("SecondBlockToken"))
+            ChangedBlock(int(b["BlockIndex"]), b.get("FirstBlockToken"), b.get("SecondBlockToken"))
             for b in r.get("ChangedBlocks", [])
         ]
+        changed.sort(key=lambda c: c.index)
         page = BlockPage(
             blocks=[(c.index, c.second_token or "") for c in changed],
             next_token=r.get("NextToken") or None,

@@ -143,6 +143,9 @@ def setup_daemon_logging(opts: MountOptions) -> None:
         handler = logging.NullHandler()
     handler.setFormatter(logging.Formatter(fmt))
     root.handlers[:] = [handler]
+    # Their debug output is per request and per worker task: it drowns ours.
+    for noisy in ("pyfuse3", "botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.INFO))
 
 
 # -- background start ---------------------------------------------------------------------
@@ -177,9 +180,14 @@ def start_background(opts: MountOptions) -> None:
         os.close(read_fd)
     if message == "ok":
         return
+    # The daemon failed and is on its way out: let it finish, so nothing outlives the command.
+    try:
+        status = proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        status = proc.wait()
     if message.startswith("error "):
         raise EbsfuseError(message[len("error ") :])
-    status = proc.wait()
     raise EbsfuseError(
         f"the mount daemon exited with status {status} before the mount was live"
         + (f"; see {opts.log_file}" if opts.log_file else "; see the system log")
@@ -202,6 +210,8 @@ def _read_ready(read_fd: int, proc: subprocess.Popen[bytes]) -> str:
             if not chunk:
                 break
             chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break  # one line is the whole message
     return b"".join(chunks).decode("utf-8", "replace").strip()
 
 
@@ -213,6 +223,10 @@ class Readiness:
 
     def __init__(self, ready_fd: int | None) -> None:
         self._fd = ready_fd
+        if ready_fd is not None:
+            # Not inherited by auto_unmount's fusermount3 helper, which outlives our message
+            # and would otherwise keep the pipe open after we close it.
+            os.set_inheritable(ready_fd, False)
 
     def _send(self, line: str) -> None:
         if self._fd is None:

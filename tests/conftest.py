@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -97,7 +98,7 @@ def env(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture
-def ebs(emu: Emulator, env: dict[str, str]):
+def ebs(emu: Emulator, env: dict[str, str]) -> Any:
     return boto3.client("ebs", endpoint_url=emu.endpoint, region_name="us-east-1")
 
 
@@ -166,7 +167,9 @@ def run_ebsfuse(
     )
 
 
-def wait_for(predicate, timeout: float = DEADLINE_S, what: str = "condition") -> None:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = DEADLINE_S, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -185,7 +188,8 @@ def daemon_pids(mountpoint: Path) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"ebsfuse" in b" ".join(cmdline) and target in cmdline:
+        is_ebsfuse = any(arg == b"ebsfuse" or arg.endswith(b"/ebsfuse") for arg in cmdline)
+        if is_ebsfuse and target in cmdline:
             pids.append(int(entry))
     return pids
 

@@ -6,7 +6,9 @@ would not change (the emulator-backed tests in test_21 cover the same paths over
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import pytest
 import trio
@@ -57,7 +59,10 @@ class FakeListing:
         return BlockPage(blocks, next_token, expiry, 1, BLOCK_SIZE)
 
 
-def run(fn, *args):
+T = TypeVar("T")
+
+
+def run(fn: Callable[..., Awaitable[T]], *args: object) -> T:
     return trio.run(fn, *args)
 
 

@@ -1,0 +1,223 @@
+"""SnapshotImage and the reader over HTTP to the emulator, without FUSE.
+
+Byte-exactness, holes without requests, single flight, the cache's byte budget, token
+refusal and refresh, and the retry budget: each proven with the emulator's request counters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from ebsfuse import BLOCK_SIZE, GIB
+from ebsfuse import blockmap as blockmap_module
+from ebsfuse.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.emulator import Emulator
+from ebsfuse.errors import EbsError
+from ebsfuse.image import SnapshotImage, describe_snapshot
+from ebsfuse.reader import FetchContext
+
+FAST = RetryPolicy(attempts=4, throttle_attempts=6, base_delay_s=0.01, max_delay_s=0.05)
+
+
+def open_image(
+    emu, snapshot_id: str, *, cache_bytes: int = 64 * BLOCK_SIZE, policy: RetryPolicy = FAST
+) -> SnapshotImage:
+    client = EbsClient(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    info = describe_snapshot(client, snapshot_id, policy)
+    ctx = FetchContext(client, cache_bytes=cache_bytes, max_concurrency=8, policy=policy)
+    return SnapshotImage(info, ctx)
+
+
+def gets(emu: Emulator) -> int:
+    return emu.counters()["requests"].get("GetSnapshotBlock", 0)
+
+
+def lists(emu: Emulator) -> int:
+    return emu.counters()["requests"].get("ListSnapshotBlocks", 0)
+
+
+@pytest.fixture
+def blocks() -> dict[int, bytes]:
+    return {i: os.urandom(BLOCK_SIZE) for i in (0, 1, 2, 7, 2047)}
+
+
+def expected(blocks: dict[int, bytes], offset: int, size: int, volume: int = GIB) -> bytes:
+    out = bytearray()
+    end = min(offset + size, volume)
+    pos = offset
+    while pos < end:
+        index, within = divmod(pos, BLOCK_SIZE)
+        take = min(BLOCK_SIZE - within, end - pos)
+        out += blocks.get(index, bytes(BLOCK_SIZE))[within : within + take]
+        pos += take
+    return bytes(out)
+
+
+def test_reads_are_byte_exact_across_blocks_holes_and_eof(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid)
+    cases = [
+        (0, 100),
+        (BLOCK_SIZE - 10, 20),  # across a block boundary
+        (BLOCK_SIZE * 2 - 5, BLOCK_SIZE * 3),  # written, hole, hole, ...
+        (BLOCK_SIZE * 6 + 17, BLOCK_SIZE + 100),  # hole into a written block
+        (GIB - 300, 1000),  # clamped at EOF
+        (GIB, 10),  # at EOF: nothing
+        (GIB + 5, 10),  # past EOF: nothing
+    ]
+
+    async def main() -> None:
+        for offset, size in cases:
+            assert await image.read(offset, size) == expected(blocks, offset, size), (offset, size)
+
+    trio.run(main)
+
+
+def test_holes_cost_no_request(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid)
+    before = gets(emu)
+
+    async def main() -> None:
+        for index in (3, 4, 100, 1000, 2046):
+            assert await image.read(index * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+
+    trio.run(main)
+    assert gets(emu) == before
+    # The describe call's first page covered the whole (sparse) volume: no more listings.
+    assert lists(emu) == 1
+
+
+def test_concurrent_reads_of_one_block_share_one_request(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid)
+    emu.set_faults(latency_ms=50)
+    results: list[bytes] = []
+
+    async def read_one() -> None:
+        results.append(await image.read(7 * BLOCK_SIZE + 4096, 4096))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(read_one)
+
+    trio.run(main)
+    assert gets(emu) == 1
+    assert results == [blocks[7][4096:8192]] * 20
+    assert image.reader.ctx.stats.shared_flights == 19
+
+
+def test_cache_stays_within_its_byte_budget_and_hits_avoid_requests(
+    emu: Emulator, env: dict[str, str]
+) -> None:
+    data = {i: os.urandom(BLOCK_SIZE) for i in range(10)}
+    sid = emu.create_snapshot(blocks=data, volume_size_gib=1)
+    image = open_image(emu, sid, cache_bytes=3 * BLOCK_SIZE)
+    ctx = image.reader.ctx
+
+    async def main() -> None:
+        for index in range(10):
+            assert await image.read(index * BLOCK_SIZE, BLOCK_SIZE) == data[index]
+            assert ctx.cache.current_bytes <= 3 * BLOCK_SIZE
+        before = gets(emu)
+        assert await image.read(9 * BLOCK_SIZE, 10) == data[9][:10]  # still cached
+        assert gets(emu) == before
+        assert await image.read(0, 10) == data[0][:10]  # evicted long ago
+        assert gets(emu) == before + 1
+
+    trio.run(main)
+    assert ctx.stats.cache_hits >= 1
+
+
+def test_expired_token_is_refused_then_relisted_once(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Make the map keep tokens past their expiry, so the service's refusal path is taken.
+    monkeypatch.setattr(blockmap_module, "REFRESH_FRACTION", 1000.0)
+    emu.set_faults(token_ttl=1)
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid)
+
+    async def main() -> None:
+        await trio.sleep(1.5)
+        assert await image.read(2 * BLOCK_SIZE, 64) == blocks[2][:64]
+
+    trio.run(main)
+    assert image.reader.ctx.stats.token_refusals == 1
+    assert lists(emu) == 2
+    assert emu.counters()["errors"].get("ValidationException", 0) == 1
+
+
+def test_tokens_are_refreshed_before_they_expire(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    emu.set_faults(token_ttl=2)
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid, cache_bytes=BLOCK_SIZE)
+
+    async def main() -> None:
+        for index in (0, 1, 2, 7, 2047, 0):
+            await trio.sleep(0.9)
+            assert await image.read(index * BLOCK_SIZE, 8) == blocks[index][:8]
+
+    trio.run(main)
+    # Over ~5.4 s with a 2 s lifetime the map re-listed ahead of expiry, never hitting a refusal.
+    assert lists(emu) >= 3
+    assert image.reader.ctx.stats.token_refusals == 0
+    assert image.blockmap.refreshes >= 2
+
+
+def test_persistent_failure_gives_an_error_within_the_retry_budget(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid)
+    emu.set_faults(fail_rate=1.0)
+    before = gets(emu)
+
+    async def main() -> None:
+        with pytest.raises(EbsError) as caught:
+            await image.read(BLOCK_SIZE, 10)
+        assert caught.value.code == "InternalServerException"
+        assert caught.value.snapshot_id == sid and caught.value.block_index == 1
+
+    trio.run(main)
+    assert gets(emu) - before == FAST.attempts
+    emu.set_faults(fail_rate=0.0)
+    trio.run(lambda: image.read(BLOCK_SIZE, 10))
+
+
+def test_faults_never_produce_a_wrong_byte(emu: Emulator, env: dict[str, str]) -> None:
+    data = {i: os.urandom(BLOCK_SIZE) for i in range(40)}
+    sid = emu.create_snapshot(blocks=data, volume_size_gib=1)
+    image = open_image(
+        emu, sid, policy=RetryPolicy(attempts=8, throttle_attempts=20, base_delay_s=0.02)
+    )
+    emu.set_faults(fail_rate=0.1, truncate_rate=0.05, throttle_rps=50)
+
+    async def main() -> None:
+        got = await image.read(0, 40 * BLOCK_SIZE)
+        assert got == b"".join(data[i] for i in range(40))
+
+    trio.run(main)
+    stats = image.reader.ctx.stats
+    assert sum(stats.retries.values()) > 0  # the faults were really met
+
+
+def test_unknown_snapshot_fails_at_once(emu: Emulator, env: dict[str, str]) -> None:
+    client = EbsClient(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    with pytest.raises(EbsError) as caught:
+        describe_snapshot(client, "snap-0123456789abcdef0", FAST)
+    assert caught.value.code == "ResourceNotFoundException"
+    assert caught.value.reason == "SNAPSHOT_NOT_FOUND"
+    assert lists(emu) == 1  # not retried

@@ -1,0 +1,314 @@
+"""Real mounts: the daemon in the background, the kernel's FUSE, loop devices, ext4.
+
+Every test here mounts for real and reads through the kernel; the emulator's counters show
+what went over the wire.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ebsfuse import BLOCK_SIZE, GIB
+from ebsfuse.emulator import Emulator
+
+from .conftest import (
+    MountedSnapshots,
+    daemon_pids,
+    ebsfuse_cmd,
+    loop_device,
+    make_ext4_image,
+    mounted_filesystem,
+    needs_fuse,
+    needs_root,
+    run_ebsfuse,
+    sha256_file,
+    wait_for,
+)
+
+pytestmark = [needs_fuse, needs_root]
+
+# The PATH mount(8) gives its helpers, whatever the caller's PATH.
+MOUNT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def gets(emu: Emulator) -> int:
+    return emu.counters()["requests"].get("GetSnapshotBlock", 0)
+
+
+def test_upload_mount_loop_mount_and_read_files(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    image, files = make_ext4_image(workdir)
+    done = run_ebsfuse("upload", str(image), "--description", "e2e", env=env, check=True)
+    sid = done.stdout.strip()
+    assert sid.startswith("snap-") and len(sid) == 22
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        img = mount.image()
+        listing = os.listdir(mount.mountpoint)
+        assert listing == [f"{sid}.img"]
+        st_img = os.stat(img)
+        assert st_img.st_size == GIB
+        assert oct(st_img.st_mode & 0o777) == "0o444"
+        assert st_img.st_uid == os.getuid()
+        # The image holds the uploaded bytes, then zeros to the end of the 1 GiB volume.
+        with open(img, "rb") as f:
+            assert f.read(image.stat().st_size) == image.read_bytes()
+        with loop_device(img) as device, mounted_filesystem(device, workdir / "fs") as fs:
+            for name, data in files.items():
+                assert (fs / name).read_bytes() == data, name
+        with pytest.raises(OSError) as caught:
+            os.open(img, os.O_RDWR)
+        assert caught.value.errno in (errno.EROFS, errno.EACCES)
+        with pytest.raises(FileNotFoundError):
+            os.stat(mount.mountpoint / "snap-0000000000000000f.img")
+        vfs = os.statvfs(mount.mountpoint)
+        assert vfs.f_flag & os.ST_RDONLY
+        assert vfs.f_blocks * vfs.f_frsize == GIB
+        done = run_ebsfuse("unmount", str(mount.mountpoint), env=env)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: not daemon_pids(mount.mountpoint), what="the daemon to exit")
+        assert not os.path.ismount(mount.mountpoint)
+
+
+def test_whole_image_sha256_matches_the_source(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    raw = bytearray(os.urandom(8 * BLOCK_SIZE))
+    raw[3 * BLOCK_SIZE : 5 * BLOCK_SIZE] = bytes(2 * BLOCK_SIZE)  # two holes in the middle
+    source = workdir / "src.img"
+    source.write_bytes(bytes(raw) + bytes(GIB - len(raw)))
+    sid = emu.create_snapshot(bytes(raw) + bytes(GIB - len(raw)))
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        assert sha256_file(mount.image()) == sha256_file(source)
+        assert gets(emu) == 6  # the six written blocks, once each; holes cost nothing
+        # st_blocks reflects allocation once the listing showed it.
+        assert os.stat(mount.image()).st_blocks * 512 == 6 * BLOCK_SIZE
+
+
+def test_two_snapshots_in_one_mount(emu: Emulator, env: dict[str, str], workdir: Path) -> None:
+    a = {0: os.urandom(BLOCK_SIZE)}
+    b = {5: os.urandom(BLOCK_SIZE)}
+    sid_a = emu.create_snapshot(blocks=a, volume_size_gib=1)
+    sid_b = emu.create_snapshot(blocks=b, volume_size_gib=2)
+    with MountedSnapshots(workdir / "mnt", [sid_a, sid_b], env) as mount:
+        assert sorted(os.listdir(mount.mountpoint)) == sorted([f"{sid_a}.img", f"{sid_b}.img"])
+        assert os.path.getsize(mount.image(sid_b)) == 2 * GIB
+        with open(mount.image(sid_a), "rb") as f:
+            assert f.read(BLOCK_SIZE) == a[0]
+        with open(mount.image(sid_b), "rb") as f:
+            f.seek(5 * BLOCK_SIZE)
+            assert f.read(BLOCK_SIZE) == b[5]
+            f.seek(0)
+            assert f.read(BLOCK_SIZE) == bytes(BLOCK_SIZE)
+
+
+def test_holes_of_a_large_sparse_volume_make_no_request(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    written = {0: os.urandom(BLOCK_SIZE), 123_456: os.urandom(BLOCK_SIZE)}
+    sid = emu.create_snapshot(blocks=written, volume_size_gib=16384)  # 16 TiB
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        before = gets(emu)
+        fd = os.open(mount.image(), os.O_RDONLY)
+        try:
+            for index in (1, 2, 5000, 123_455, 123_457, 16384 * 2048 - 1):
+                assert os.pread(fd, 4096, index * BLOCK_SIZE + 100) == bytes(4096), index
+            assert gets(emu) == before
+            assert os.pread(fd, 64, 123_456 * BLOCK_SIZE) == written[123_456][:64]
+            assert gets(emu) == before + 1
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def random_image(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> Iterator[tuple[int, dict[int, bytes]]]:
+    """A 1 GiB volume with 24 scattered blocks written, mounted once for many examples."""
+    rng = random.Random(1234)
+    indexes = sorted([*rng.sample(range(64), 20), 2047, 2046, 1000, 1001])
+    blocks = {i: rng.randbytes(BLOCK_SIZE) for i in indexes}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--cache-size", "4M") as mount:
+        fd = os.open(mount.image(), os.O_RDONLY)
+        try:
+            yield fd, blocks
+        finally:
+            os.close(fd)
+
+
+def _expected(blocks: dict[int, bytes], offset: int, size: int) -> bytes:
+    end = min(offset + size, GIB)
+    out = bytearray()
+    for index in range(offset // BLOCK_SIZE, (max(end, offset + 1) - 1) // BLOCK_SIZE + 1):
+        if index * BLOCK_SIZE >= end:
+            break
+        lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
+        hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
+        out += blocks.get(index, bytes(BLOCK_SIZE))[lo:hi]
+    return bytes(out)
+
+
+interesting_offsets = st.one_of(
+    st.integers(0, 66 * BLOCK_SIZE),
+    st.integers(999 * BLOCK_SIZE, 1002 * BLOCK_SIZE),
+    st.integers(GIB - 2 * BLOCK_SIZE, GIB + 4096),
+    st.sampled_from([BLOCK_SIZE * k + d for k in (1, 2, 1000, 2047) for d in (-1, 0, 1)]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(offset=interesting_offsets, size=st.integers(0, 3 * BLOCK_SIZE))
+def test_random_reads_match_the_source(
+    random_image: tuple[int, dict[int, bytes]], offset: int, size: int
+) -> None:
+    fd, blocks = random_image
+    assert os.pread(fd, size, offset) == _expected(blocks, offset, size)
+
+
+def test_reads_spanning_several_token_lifetimes(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    emu.set_faults(token_ttl=2, latency_ms=150)
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(0, 48, 2)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--cache-size", "1M") as mount:
+        lists_before = emu.counters()["requests"]["ListSnapshotBlocks"]
+        started = time.monotonic()
+        with open(mount.image(), "rb") as f:
+            for index in sorted(blocks):
+                f.seek(index * BLOCK_SIZE)
+                assert f.read(BLOCK_SIZE) == blocks[index]
+        assert time.monotonic() - started > 4  # the read really outlived two token lifetimes
+        assert emu.counters()["requests"]["ListSnapshotBlocks"] > lists_before
+        assert "token refused" not in mount.log()
+
+
+def test_faults_still_give_a_byte_identical_image(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    raw = os.urandom(40 * BLOCK_SIZE)
+    source = workdir / "src.img"
+    source.write_bytes(raw)
+    sid = emu.create_snapshot(raw, volume_size_gib=1)
+    emu.set_faults(fail_rate=0.1, throttle_rps=50, truncate_rate=0.05)
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        with open(mount.image(), "rb") as f:
+            assert f.read(len(raw)) == raw
+        counters = emu.counters()
+        assert sum(counters["errors_injected"].values()) > 0
+
+
+def test_every_request_failing_gives_eio_then_recovers(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = {1: os.urandom(BLOCK_SIZE)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        emu.set_faults(fail_rate=1.0)
+        fd = os.open(mount.image(), os.O_RDONLY)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError) as caught:
+                os.pread(fd, 4096, BLOCK_SIZE)
+            assert caught.value.errno == errno.EIO
+            assert time.monotonic() - started < 60
+            assert daemon_pids(mount.mountpoint), "the daemon died"
+            emu.set_faults(fail_rate=0.0)
+            assert os.pread(fd, 4096, BLOCK_SIZE) == blocks[1][:4096]
+        finally:
+            os.close(fd)
+        assert "InternalServerException" in mount.log()
+
+
+def test_sigterm_unmounts_cleanly(emu: Emulator, env: dict[str, str], workdir: Path) -> None:
+    sid = emu.create_snapshot(blocks={0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        ebsfuse_cmd("mount", "--foreground", sid, str(mnt)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: os.path.ismount(mnt), what="the mount")
+        with open(mnt / f"{sid}.img", "rb") as f:
+            assert len(f.read(100)) == 100
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not os.path.ismount(mnt)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_killed_daemon_leaves_no_hung_mount(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    sid = emu.create_snapshot(blocks={0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        (pid,) = daemon_pids(mount.mountpoint)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.ismount(mount.mountpoint), what="auto_unmount")
+
+
+@pytest.fixture
+def mount_helper() -> Iterator[None]:
+    """mount(8) runs mount.fuse3 with a fixed PATH; make `ebsfuse` findable there.
+
+    scripts/setup installs this link for good; a test run without it adds it for the test only.
+    """
+    if shutil.which("ebsfuse", path=MOUNT_PATH):
+        yield
+        return
+    link = Path("/usr/local/bin/ebsfuse")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(sys.executable).parent / "ebsfuse")
+    try:
+        yield
+    finally:
+        link.unlink()
+
+
+def test_mount_t_fuse_ebsfuse_and_fstab_convention(
+    emu: Emulator, env: dict[str, str], workdir: Path, mount_helper: None
+) -> None:
+    blocks = {0: os.urandom(BLOCK_SIZE)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    options = f"endpoint_url={env['AWS_ENDPOINT_URL_EBS']},region=us-east-1,cache_size=64M,_netdev"
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "fuse.ebsfuse", sid, str(mnt), "-o", options],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert os.path.ismount(mnt)
+        with open(mnt / f"{sid}.img", "rb") as f:
+            assert f.read(BLOCK_SIZE) == blocks[0]
+        assert run_ebsfuse("unmount", str(mnt), env=env).returncode == 0
+        wait_for(lambda: not daemon_pids(mnt), what="the daemon to exit")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

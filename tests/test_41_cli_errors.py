@@ -1,0 +1,151 @@
+"""Bad input to `ebsfuse mount`: one clear line on stderr, non-zero exit, nothing mounted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ebsfuse import BLOCK_SIZE
+from ebsfuse.emulator import Emulator
+
+from .conftest import (
+    MountedSnapshots,
+    aws_env,
+    daemon_pids,
+    ebsfuse_cmd,
+    mounts_under,
+    needs_fuse,
+    needs_root,
+    run_ebsfuse,
+)
+
+
+def assert_one_line_failure(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+
+
+@pytest.fixture
+def mnt(workdir: Path) -> Path:
+    path = workdir / "mnt"
+    path.mkdir()
+    return path
+
+
+def mount_fails(env: dict[str, str], mnt: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = run_ebsfuse("mount", *args, env=env, timeout=120)
+    assert not mounts_under(mnt.parent), "a failed mount left something mounted"
+    assert not daemon_pids(mnt), "a failed mount left a daemon running"
+    return done
+
+
+@pytest.fixture
+def sid(emu: Emulator) -> str:
+    return emu.create_snapshot(blocks={0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1)
+
+
+def test_malformed_snapshot_id(env: dict[str, str], mnt: Path) -> None:
+    assert_one_line_failure(mount_fails(env, mnt, "snap-XYZ", str(mnt)), "snap-XYZ", "snapshot id")
+
+
+@needs_fuse
+def test_snapshot_that_does_not_exist(env: dict[str, str], mnt: Path) -> None:
+    done = mount_fails(env, mnt, "snap-0123456789abcdef0", str(mnt))
+    assert_one_line_failure(done, "snap-0123456789abcdef0", "SNAPSHOT_NOT_FOUND")
+
+
+@needs_fuse
+@pytest.mark.parametrize("status", ["pending", "error"])
+def test_snapshot_not_completed(emu: Emulator, env: dict[str, str], mnt: Path, status: str) -> None:
+    sid = emu.create_snapshot(blocks={0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1, status=status)
+    assert_one_line_failure(mount_fails(env, mnt, sid, str(mnt)), sid)
+
+
+@needs_fuse
+def test_no_credentials(emu: Emulator, mnt: Path, sid: str) -> None:
+    env = aws_env(emu.endpoint)
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    assert_one_line_failure(mount_fails(env, mnt, sid, str(mnt)), "credentials")
+
+
+def test_mountpoint_missing(env: dict[str, str], workdir: Path, sid: str) -> None:
+    missing = workdir / "nope"
+    assert_one_line_failure(mount_fails(env, missing, sid, str(missing)), "does not exist")
+
+
+def test_mountpoint_not_a_directory(env: dict[str, str], workdir: Path, sid: str) -> None:
+    target = workdir / "file"
+    target.write_text("x")
+    assert_one_line_failure(mount_fails(env, target, sid, str(target)), "not a directory")
+
+
+@needs_fuse
+@needs_root
+def test_mountpoint_already_mounted(env: dict[str, str], workdir: Path, sid: str) -> None:
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        done = run_ebsfuse("mount", sid, str(mount.mountpoint), env=env)
+        assert_one_line_failure(done, "already")
+        assert len(daemon_pids(mount.mountpoint)) == 1
+
+
+@needs_root
+def test_dev_fuse_unavailable(env: dict[str, str], mnt: Path, sid: str) -> None:
+    if not shutil.which("unshare"):
+        pytest.skip("unshare is not installed")
+    # A private mount namespace with an empty /dev: the container-without-fuse case.
+    cmd = " ".join(ebsfuse_cmd("mount", sid, str(mnt)))
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"mount -t tmpfs none /dev && exec {cmd}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "mount" in done.stderr and "permission denied" in done.stderr.lower():
+        pytest.skip("cannot make a private mount namespace here")
+    assert_one_line_failure(done, "/dev/fuse")
+    assert not mounts_under(mnt)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--no-such-option"], "unrecognized arguments"),
+        (["--cache-size", "lots"], "cannot parse size"),
+        (["--cache-size", "100K"], "smaller than one 512 KiB block"),
+        (["--max-concurrency", "0"], "at least 1"),
+    ],
+)
+def test_bad_options(
+    env: dict[str, str], mnt: Path, sid: str, args: list[str], needle: str
+) -> None:
+    assert_one_line_failure(mount_fails(env, mnt, *args, sid, str(mnt)), needle)
+
+
+def test_same_snapshot_twice(env: dict[str, str], mnt: Path, sid: str) -> None:
+    assert_one_line_failure(mount_fails(env, mnt, sid, sid, str(mnt)), "twice")
+
+
+def test_unknown_mount_helper_option(env: dict[str, str], mnt: Path, sid: str) -> None:
+    done = run_ebsfuse(sid, str(mnt), "-o", "flavour=vanilla", env=env)
+    assert_one_line_failure(done, "unknown mount option")
+
+
+def test_unmount_of_something_not_mounted(env: dict[str, str], mnt: Path) -> None:
+    assert_one_line_failure(run_ebsfuse("unmount", str(mnt), env=env), "not mounted")
