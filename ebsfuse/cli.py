@@ -8,7 +8,6 @@ convention, used by `mount -t fuse.ebsfuse` and fstab) is translated to `ebsfuse
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ from . import BLOCK_SIZE, __version__
 from .errors import EbsfuseError, UsageError
 
 PROG = "ebsfuse"
-COMMANDS = ("mount", "unmount", "umount", "upload", "emulator")
+COMMANDS = ("mount", "unmount", "umount", "upload", "download", "diff", "info", "emulator")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -113,21 +112,15 @@ def build_parser() -> OneLineParser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
-    for name in ("unmount", "umount"):
-        u = sub.add_parser(name, help="unmount an ebsfuse mount" if name == "unmount" else None)
-        u.add_argument("mountpoint", metavar="MOUNTPOINT")
-        u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
-        u.set_defaults(func=cmd_unmount)
+    u = sub.add_parser("unmount", aliases=["umount"], help="unmount an ebsfuse mount")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
+    u.set_defaults(func=cmd_unmount)
 
-    up = sub.add_parser("upload", help="upload a raw disk image as a new snapshot")
-    up.add_argument("image", metavar="IMAGE")
-    add_client_arguments(up)
-    up.add_argument("--description", default="", help="snapshot description")
-    up.add_argument("--workers", type=positive_int, default=64, help="parallel uploads (64)")
-    up.add_argument("--json", action="store_true", help="print the result as JSON")
-    up.set_defaults(func=cmd_upload)
-
+    from . import tools_cli
     from .emulator.cli import add_arguments as add_emulator_arguments
+
+    tools_cli.register(sub)
 
     em = sub.add_parser("emulator", help="run a local EBS direct API server")
     add_emulator_arguments(em)
@@ -166,26 +159,6 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
-    return 0
-
-
-def cmd_upload(args: argparse.Namespace) -> int:
-    from .client import ClientSettings, EbsClient
-    from .upload import upload_image
-
-    client = EbsClient(
-        ClientSettings(
-            region=args.region,
-            profile=args.profile,
-            endpoint_url=args.endpoint_url,
-            max_pool_connections=args.workers,
-        )
-    )
-    result = upload_image(client, args.image, description=args.description, workers=args.workers)
-    if args.json:
-        print(json.dumps(result.as_dict()))
-    else:
-        print(result.snapshot_id)
     return 0
 
 
