@@ -1,0 +1,185 @@
+"""Command line of the emulator: `ebsfuse emulator ...` and `python -m ebsfuse.emulator ...`.
+
+Stdout carries exactly one line, `endpoint http://HOST:PORT`, printed once the server accepts
+connections, so a parent process can read it and go. Everything else (synthetic snapshot ids,
+requests at debug level) is logged to stderr. SIGINT or SIGTERM stops the server; exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+from .emulator import Emulator
+from .faults import DEFAULT_PAGE_TOKEN_TTL, DEFAULT_THROTTLE_RPS, DEFAULT_TOKEN_TTL
+from .synthetic import SpecError, parse_spec
+
+log = logging.getLogger("ebsfuse.emulator")
+
+
+def _nonnegative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _nonnegative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def _ttl(text: str) -> float:
+    value = _nonnegative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 second")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0..65535)")
+    return int(text)
+
+
+def _spec(text: str) -> str:
+    try:
+        parse_spec(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the emulator's options to `parser` (shared by both entry points)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="port to bind; 0 picks a free one (default 8080)"
+    )
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="keep completed snapshots in DIR across restarts"
+    )
+    parser.add_argument(
+        "--latency-ms", type=_nonnegative, default=0.0, help="delay before every API response"
+    )
+    parser.add_argument(
+        "--jitter-ms", type=_nonnegative, default=0.0, help="extra uniform random delay 0..N ms"
+    )
+    parser.add_argument(
+        "--throttle-rps",
+        type=_nonnegative,
+        default=float(DEFAULT_THROTTLE_RPS),
+        help="Get/PutSnapshotBlock requests per second per snapshot; 0 = unlimited "
+        "(default %(default)g, the real quota)",
+    )
+    parser.add_argument(
+        "--fail-rate", type=_fraction, default=0.0, help="fraction answered InternalServerException"
+    )
+    parser.add_argument(
+        "--truncate-rate",
+        type=_fraction,
+        default=0.0,
+        help="fraction of GetSnapshotBlock bodies cut off halfway",
+    )
+    parser.add_argument(
+        "--empty-pages", action="store_true", help="interleave empty pages in list results"
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=_ttl,
+        default=float(DEFAULT_TOKEN_TTL),
+        help="block token lifetime in seconds (default 7 days)",
+    )
+    parser.add_argument(
+        "--page-token-ttl",
+        type=_ttl,
+        default=float(DEFAULT_PAGE_TOKEN_TTL),
+        help="page token (NextToken) lifetime in seconds (default 3600)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        metavar="SPEC",
+        type=_spec,
+        action="append",
+        default=[],
+        help="create a synthetic snapshot, e.g. size=65536,pattern=all,seed=7 (repeatable)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level on stderr (default INFO)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM; returns the exit status."""
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        emu = Emulator(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            latency_ms=args.latency_ms,
+            jitter_ms=args.jitter_ms,
+            throttle_rps=args.throttle_rps,
+            fail_rate=args.fail_rate,
+            truncate_rate=args.truncate_rate,
+            empty_pages=args.empty_pages,
+            token_ttl=args.token_ttl,
+            page_token_ttl=args.page_token_ttl,
+        )
+        for spec in args.synthetic:
+            sid = emu.create_synthetic(spec)
+            log.info("synthetic snapshot %s (%s)", sid, spec)
+        emu.start()
+    except (OSError, ValueError) as e:
+        print(f"ebsfuse emulator: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sys.stdout.write(f"endpoint {emu.endpoint}\n")
+        sys.stdout.flush()
+        while not stop.wait(3600):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        emu.stop()
+    return 0
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ebsfuse.emulator`."""
+    parser = _OneLineErrors(
+        prog="python -m ebsfuse.emulator",
+        description="Offline EBS direct API server for tests and benchmarks.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,90 @@
+"""Injected faults and the per-snapshot request-rate limit.
+
+`Faults` is the live configuration (every field may change while requests are in flight; each
+request reads the fields it needs once). `Throttle` is a token bucket per snapshot for
+GetSnapshotBlock and PutSnapshotBlock, like the service's per-snapshot quota.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_TOKEN_TTL = 7 * 86400  # block tokens: the FAQ's 7 days
+DEFAULT_PAGE_TOKEN_TTL = 3600  # page tokens: 60 minutes
+DEFAULT_THROTTLE_RPS = 1000  # the real per-snapshot quota for Get/PutSnapshotBlock
+
+
+@dataclass
+class Faults:
+    """What the emulator does wrong on purpose, and its time-to-live settings."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    throttle_rps: float = DEFAULT_THROTTLE_RPS
+    fail_rate: float = 0.0
+    truncate_rate: float = 0.0
+    empty_pages: bool = False
+    token_ttl: float = DEFAULT_TOKEN_TTL
+    page_token_ttl: float = DEFAULT_PAGE_TOKEN_TTL
+
+    def update(self, **changes: Any) -> None:
+        """Validate and apply changes; raises ValueError (nothing applied) on a bad one."""
+        known = {f.name for f in fields(self)}
+        checked: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in known:
+                raise ValueError(f"unknown fault setting {name!r}")
+            if name == "empty_pages":
+                if not isinstance(value, bool):
+                    raise ValueError("empty_pages must be true or false")
+                checked[name] = value
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number")
+            value = float(value)
+            if value != value or value < 0:  # NaN or negative
+                raise ValueError(f"{name} must be a number >= 0")
+            if name in ("fail_rate", "truncate_rate") and value > 1:
+                raise ValueError(f"{name} must be between 0 and 1")
+            if name in ("token_ttl", "page_token_ttl") and value < 1:
+                raise ValueError(f"{name} must be at least 1 second")
+            checked[name] = value
+        for name, value in checked.items():
+            setattr(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def delay(self, rng: random.Random) -> float:
+        """Seconds to hold a response back: latency plus uniform jitter."""
+        ms = self.latency_ms
+        if self.jitter_ms > 0:
+            ms += rng.uniform(0, self.jitter_ms)
+        return ms / 1000.0
+
+
+class Throttle:
+    """Token buckets keyed by snapshot id, refilled at `rate` per second, burst = `rate`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+
+    def allow(self, key: str, rate: float) -> bool:
+        """Take one token from `key`'s bucket; False when the request is over the rate."""
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (rate, now))
+            tokens = min(rate, tokens + (now - last) * rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return False
+            self._buckets[key] = (tokens - 1, now)
+            return True
