@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -294,3 +296,32 @@ def test_error_code_status_table(emulator: Emulator, client: Any) -> None:
     with pytest.raises(ClientError) as exc:
         client.start_snapshot(VolumeSize=70000)
     assert error_of(exc) == ("ValidationException", "INVALID_VOLUME_SIZE", 400)
+
+
+def test_stop_closes_connections_and_threads() -> None:
+    emu = Emulator(port=0).start()
+    endpoint = emu.endpoint
+    try:
+        ebs = fx.make_client(endpoint)
+        sid = emu.create_snapshot(blocks={0: content(1)})
+        list_all(ebs, sid)  # leaves a keep-alive connection open
+        assert any(t.name.startswith("ebs-emulator-conn") for t in threading.enumerate())
+    finally:
+        emu.stop()
+        emu.stop()  # idempotent
+    assert not [t for t in threading.enumerate() if t.name.startswith("ebs-emulator")]
+    host, port = urlsplit(endpoint).netloc.split(":")
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()
+
+
+def test_head_request_has_no_body(emulator: Emulator) -> None:
+    conn = http.client.HTTPConnection(urlsplit(emulator.endpoint).netloc, timeout=5)
+    try:
+        conn.request("HEAD", "/snapshots")
+        resp = conn.getresponse()
+        assert resp.status == 404 and resp.read() == b""
+        conn.request("GET", "/_emulator/counters")  # the connection is still in step
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()

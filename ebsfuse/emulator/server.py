@@ -218,6 +218,9 @@ class Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         sock = self.connection
+        if self.command == "HEAD":  # a HEAD response carries the headers only
+            sock.sendall(head)
+            return
         if block is None:
             sock.sendall(head + resp.body)
             return
