@@ -22,7 +22,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -310,9 +309,6 @@ class EmulatorHTTPServer(ThreadingHTTPServer):
         deadline = time.monotonic() + timeout
         for _, thread in live:
             thread.join(max(0.0, deadline - time.monotonic()))
-
-
-ControlHandler = Callable[[str, str, bytes], Response]
 
 
 def control_error(message: str, status: int = 400) -> Response:

@@ -314,9 +314,10 @@ class Store:
                         "The aggregated checksum does not match the blocks written.",
                         "INVALID_PARAMETER_VALUE",
                     )
-            layer.freeze()
             if self.data_dir is not None:
+                # Durable first: if this write fails the snapshot stays pending and writable.
                 self.data_dir.write_snapshot(self._meta(snap, items))
+            layer.freeze()
             snap.state = "completed"
         with self._lock:
             self._pending.discard(snap.snapshot_id)
