@@ -8,6 +8,7 @@ convention, used by `mount -t fuse.ebsfuse` and fstab) is translated to `ebsfuse
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -18,7 +19,9 @@ from . import BLOCK_SIZE, __version__
 from .errors import EbsfuseError, UsageError
 
 PROG = "ebsfuse"
-COMMANDS = ("mount", "unmount", "umount", "upload", "download", "diff", "info", "emulator")
+COMMANDS = (
+    "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info", "emulator",
+)  # fmt: skip
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -109,6 +112,12 @@ def build_parser() -> OneLineParser:
         help="daemon log level (default INFO)",
     )
     m.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
+    m.add_argument(
+        "--no-kernel-tuning",
+        dest="kernel_tuning",
+        action="store_false",
+        help="leave the kernel's readahead and FUSE background limits as they are",
+    )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
@@ -116,6 +125,11 @@ def build_parser() -> OneLineParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
     u.set_defaults(func=cmd_unmount)
+
+    st = sub.add_parser("stats", help="show a mount's counters (requests, cache, readahead)")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    st.add_argument("--json", action="store_true", help="print the raw counters as JSON")
+    st.set_defaults(func=cmd_stats)
 
     from . import tools_cli
     from .emulator.cli import add_arguments as add_emulator_arguments
@@ -147,6 +161,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         ready_fd=args.ready_fd,
+        kernel_tuning=args.kernel_tuning,
     )
     check_options(opts)
     if opts.foreground:
@@ -159,6 +174,50 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .fs import STATS_NAME
+
+    path = os.path.join(args.mountpoint, STATS_NAME.decode())
+    try:
+        with open(path, "rb") as f:
+            stats = json.loads(f.read())
+    except FileNotFoundError:
+        raise UsageError(f"{args.mountpoint} is not an ebsfuse mount") from None
+    except OSError as exc:
+        raise EbsfuseError(f"cannot read the stats of {args.mountpoint}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    cache = stats["cache"]
+    print(
+        f"cache {cache['bytes'] / 2**20:.0f} of {cache['limit'] / 2**20:.0f} MiB, "
+        f"{stats['requests_in_flight']} requests in flight (max {stats['max_concurrency']})"
+    )
+    for sid, s in stats["snapshots"].items():
+        lat = s["latency_ms"]
+        retries = ", ".join(f"{k} {v}" for k, v in s["retries"].items()) or "none"
+        print(f"{sid}:")
+        print(
+            f"  requests   GetSnapshotBlock {s['requests']['GetSnapshotBlock']}, "
+            f"ListSnapshotBlocks {s['requests']['ListSnapshotBlocks']}, failures {s['failures']}"
+        )
+        print(f"  retries    {retries}")
+        print(
+            f"  fetched    {s['bytes_fetched'] / 2**20:.1f} MiB; cache hits {s['cache']['hits']}, "
+            f"misses {s['cache']['misses']}; holes read {s['hole_reads']}"
+        )
+        print(
+            f"  prefetch   {s['prefetch']['blocks']} blocks, used {s['prefetch']['used']}, "
+            f"wasted {s['prefetch']['wasted']}; windows {s['readahead_windows'] or '-'}"
+        )
+        print(
+            f"  tokens     {s['tokens_held']} held in {s['token_ranges']} ranges, "
+            f"refreshes {s['token_refreshes']}, refused {s['token_refusals']}"
+        )
+        print(f"  latency    p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} ms")
     return 0
 
 

@@ -7,6 +7,8 @@ Thin on purpose: inode numbers, attributes and error codes live here; every byte
 from __future__ import annotations
 
 import errno
+import itertools
+import json
 import logging
 import os
 import stat
@@ -17,6 +19,7 @@ import pyfuse3
 from . import BLOCK_SIZE
 from .errors import EbsError
 from .image import SnapshotImage
+from .readahead import ReadaheadWindow
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,11 @@ log = logging.getLogger(__name__)
 # names and attributes for as long as it likes; an hour keeps st_blocks reasonably fresh.
 ATTR_TIMEOUT_S = 3600.0
 ENTRY_TIMEOUT_S = 3600.0
-FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 1
+STATS_INODE = pyfuse3.ROOT_INODE + 1
+FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 2
+# Hidden (not listed, but open-able) file with the mount's counters as JSON, read by
+# `ebsfuse stats MOUNTPOINT`: no socket or extra process needed to ask the daemon.
+STATS_NAME = b".ebsfuse-stats"
 
 
 class SnapshotFS(pyfuse3.Operations):
@@ -43,6 +50,10 @@ class SnapshotFS(pyfuse3.Operations):
         self.uid = uid
         self.gid = gid
         self.mount_time_ns = time.time_ns()
+        self._handles = itertools.count(1)
+        # Open files: fh -> (inode, its readahead window), or the stats snapshot for STATS_INODE.
+        self.open_files: dict[int, tuple[int, ReadaheadWindow]] = {}
+        self.stats_files: dict[int, bytes] = {}
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -61,6 +72,12 @@ class SnapshotFS(pyfuse3.Operations):
             attr.st_nlink = 2
             attr.st_size = 0
             attr.st_blocks = 0
+        elif inode == STATS_INODE:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_nlink = 1
+            attr.st_size = 0  # generated at open; read with direct I/O
+            attr.st_blocks = 0
+            attr.attr_timeout = 0
         else:
             image = self.images.get(inode)
             if image is None:
@@ -84,6 +101,8 @@ class SnapshotFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if name in (b".", b".."):
             return self._attrs(pyfuse3.ROOT_INODE)
+        if name == STATS_NAME:
+            return self._attrs(STATS_INODE)
         inode = self.by_name.get(name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -108,17 +127,45 @@ class SnapshotFS(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        if inode not in self.images:
-            raise pyfuse3.FUSEError(errno.EISDIR if inode == pyfuse3.ROOT_INODE else errno.ENOENT)
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if inode != STATS_INODE and inode not in self.images:
+            raise pyfuse3.FUSEError(errno.ENOENT)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
+        fh = next(self._handles)
+        if inode == STATS_INODE:
+            self.stats_files[fh] = (json.dumps(self.stats(), indent=2) + "\n").encode()
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        self.open_files[fh] = (inode, self.images[inode].new_window())
         # keep_cache: the content never changes, so the page cache stays valid across opens.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def stats(self) -> dict[str, object]:
+        windows: dict[int, list[int]] = {}
+        for inode, window in self.open_files.values():
+            windows.setdefault(inode, []).append(window.window)
+        snapshots = {}
+        for inode, image in self.images.items():
+            snapshot_stats = image.stats()
+            snapshot_stats["readahead_windows"] = windows.get(inode, [])
+            snapshots[image.snapshot_id] = snapshot_stats
+        any_image = next(iter(self.images.values()))
+        ctx = any_image.reader.ctx
+        return {
+            "cache": {"bytes": ctx.cache.current_bytes, "limit": ctx.cache_bytes},
+            "requests_in_flight": len(ctx.inflight),
+            "max_concurrency": ctx.max_concurrency,
+            "snapshots": snapshots,
+        }
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        image = self.images[fh]
+        if fh in self.stats_files:
+            return self.stats_files[fh][off : off + size]
+        inode, window = self.open_files[fh]
+        image = self.images[inode]
         try:
-            return await image.read(off, size)
+            return await image.read(off, size, window)
         except EbsError as error:
             log.error("read of %d bytes at %d failed: %s", size, off, error)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -129,7 +176,8 @@ class SnapshotFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
-        return None
+        self.open_files.pop(fh, None)
+        self.stats_files.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         total = sum(image.size for image in self.images.values())

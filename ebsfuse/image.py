@@ -17,6 +17,7 @@ from . import BLOCK_SIZE, GIB
 from .blockmap import BlockMap
 from .client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
 from .errors import EbsError
+from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
 from .reader import FetchContext, SnapshotReader
 
 log = logging.getLogger(__name__)
@@ -95,21 +96,45 @@ class SnapshotImage:
             except EbsError as error:
                 if not error.retryable or attempt >= ctx.policy.max_attempts(error):
                     raise
-                ctx.stats.count_retry(error)
+                self.reader.stats.count_retry(error.code)
                 await trio.sleep(ctx.policy.delay(attempt))
                 attempt += 1
+
+    def new_window(self) -> ReadaheadWindow:
+        """A readahead window for one open file.
+
+        Capped at a quarter of the cache per reader, so blocks prefetched for one reader are
+        not evicted by its own later prefetches (or a few other readers') before it gets there.
+        """
+        cache_blocks = self._ctx.cache_bytes // BLOCK_SIZE
+        cap = max(1, min(MAX_WINDOW_BLOCKS, cache_blocks // 4, self._ctx.max_concurrency))
+        return ReadaheadWindow(self.info.num_blocks, max_blocks=cap)
+
+    def stats(self) -> dict[str, object]:
+        out = self.reader.stats.as_dict()
+        out["requests"]["ListSnapshotBlocks"] = self.blockmap.list_calls
+        out["token_refreshes"] = self.blockmap.refreshes
+        out["token_ranges"] = self.blockmap.range_count
+        out["tokens_held"] = self.blockmap.token_count
+        return out
 
     def allocated_bytes(self) -> int:
         """Bytes possibly written: the volume less the blocks known to be holes."""
         return max(0, self.size - self.blockmap.known_hole_blocks() * BLOCK_SIZE)
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """`size` bytes from `offset`, fewer at EOF; blocks of the range fetched concurrently."""
+    async def read(self, offset: int, size: int, window: ReadaheadWindow | None = None) -> bytes:
+        """`size` bytes from `offset`, fewer at EOF; blocks of the range fetched concurrently.
+
+        With a `window` (one per open file) sequential reading prefetches the blocks ahead.
+        """
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        if window is not None:
+            for index in window.observe(offset, end - offset):
+                self.reader.prefetch(index)
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
         if first == last:

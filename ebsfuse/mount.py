@@ -23,11 +23,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
+from . import kernel
 from .client import ClientSettings, EbsClient, RetryPolicy, validate_snapshot_id
 from .errors import EbsfuseError, UsageError
 from .fs import SnapshotFS
@@ -59,7 +60,7 @@ class MountOptions:
     log_level: str = "INFO"
     log_file: str | None = None
     ready_fd: int | None = None
-    extra: list[str] = field(default_factory=list)
+    kernel_tuning: bool = True
 
     def daemon_argv(self, ready_fd: int) -> list[str]:
         argv = [
@@ -84,6 +85,8 @@ class MountOptions:
         argv += ["--log-level", self.log_level]
         if self.allow_other:
             argv.append("--allow-other")
+        if not self.kernel_tuning:
+            argv.append("--no-kernel-tuning")
         return [*argv, "--", *self.snapshot_ids, self.mountpoint]
 
 
@@ -259,7 +262,7 @@ def sd_notify(state: str) -> None:
         sock.sendall(state.encode())
 
 
-def build_filesystem(opts: MountOptions, client: EbsClient) -> SnapshotFS:
+def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS, FetchContext]:
     policy = RetryPolicy()
     ctx = FetchContext(
         client, cache_bytes=opts.cache_bytes, max_concurrency=opts.max_concurrency, policy=policy
@@ -269,7 +272,7 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> SnapshotFS:
         info = describe_snapshot(client, sid, policy)
         log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
         images.append(SnapshotImage(info, ctx, start_time=None))
-    return SnapshotFS(images, uid=os.getuid(), gid=os.getgid())
+    return SnapshotFS(images, uid=os.getuid(), gid=os.getgid()), ctx
 
 
 def fuse_options(opts: MountOptions) -> set[str]:
@@ -293,7 +296,7 @@ def run_daemon(opts: MountOptions) -> int:
                 max_pool_connections=opts.max_concurrency,
             )
         )
-        fs = build_filesystem(opts, client)
+        fs, ctx = build_filesystem(opts, client)
         check_mountpoint(opts.mountpoint)
         try:
             pyfuse3.init(fs, opts.mountpoint, fuse_options(opts))
@@ -306,8 +309,10 @@ def run_daemon(opts: MountOptions) -> int:
             print(f"ebsfuse: {error}", file=sys.stderr)
         return 1
     log.info("mounted %s at %s", ", ".join(opts.snapshot_ids), opts.mountpoint)
+    if opts.kernel_tuning:
+        kernel.tune(opts.mountpoint)
     try:
-        trio.run(_serve, readiness)
+        trio.run(_serve, readiness, ctx)
     except BaseException:
         log.exception("the filesystem loop failed")
         raise
@@ -317,8 +322,8 @@ def run_daemon(opts: MountOptions) -> int:
     return 0
 
 
-async def _serve(readiness: Readiness) -> None:
-    async with trio.open_nursery() as nursery:
+async def _serve(readiness: Readiness, ctx: FetchContext) -> None:
+    async with trio.open_nursery() as nursery, ctx.running():
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
         readiness.ready()
         await pyfuse3.main()

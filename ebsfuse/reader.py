@@ -11,6 +11,10 @@ request and its SHA-256 check run in worker threads):
    for the whole mount (`--max-concurrency`) and matches the HTTP connection pool.
 3. Only verified bytes enter the cache. The flight is removed and its event set in a `finally`,
    so a cancelled or failed leader never strands its waiters.
+4. Prefetches are ordinary flights started in the context's background nursery. A reader that
+   needs a block being prefetched joins that flight, so the block is fetched once; a failed
+   prefetch only logs, and the reader's own attempt retries. Blocks a reader waits for are held
+   by its flight, not by the cache, so prefetching can never evict them.
 
 A refused token (INVALID_BLOCK_TOKEN) drops the range from the block map and is retried once
 with a fresh token; checksum mismatches, throttling, 5xx and network errors are retried with the
@@ -19,9 +23,10 @@ client's `RetryPolicy`; anything else fails at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import cachetools
 import trio
@@ -29,27 +34,11 @@ import trio
 from .blockmap import BlockMap
 from .client import EbsClient, RetryPolicy
 from .errors import EbsError
+from .stats import ReadStats
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ReadStats:
-    """Counters at the read path's decision points, per mount."""
-
-    cache_hits: int = 0
-    cache_misses: int = 0
-    hole_reads: int = 0
-    shared_flights: int = 0
-    get_requests: int = 0
-    bytes_fetched: int = 0
-    retries: dict[str, int] = field(default_factory=dict)
-    token_refusals: int = 0
-    failures: int = 0
-
-    def count_retry(self, error: EbsError) -> None:
-        key = error.code or "error"
-        self.retries[key] = self.retries.get(key, 0) + 1
+Key = tuple[str, int]
 
 
 class _Flight:
@@ -61,27 +50,39 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-class BlockCache:
-    """Verified blocks of every snapshot of a mount, LRU, bounded in bytes."""
+class BlockCache(cachetools.LRUCache):
+    """Verified blocks of every snapshot of a mount, LRU, bounded in bytes.
+
+    Remembers which cached blocks were prefetched and not yet read, to count the ones evicted
+    unread (wasted prefetch); that set is bounded by the cache itself.
+    """
 
     def __init__(self, max_bytes: int) -> None:
-        self._lru: cachetools.LRUCache[tuple[str, int], bytes] = cachetools.LRUCache(
-            maxsize=max_bytes, getsizeof=len
-        )
+        super().__init__(maxsize=max_bytes, getsizeof=len)
+        self.unread_prefetches: dict[Key, ReadStats] = {}
 
-    def get(self, key: tuple[str, int]) -> bytes | None:
-        return self._lru.get(key)
+    def popitem(self) -> tuple[Key, bytes]:
+        key, value = super().popitem()
+        stats = self.unread_prefetches.pop(key, None)
+        if stats is not None:
+            stats.prefetch_wasted += 1
+        return key, value
 
-    def put(self, key: tuple[str, int], data: bytes) -> None:
-        self._lru[key] = data
+    def take(self, key: Key) -> bytes | None:
+        data = self.get(key)
+        if data is not None:
+            stats = self.unread_prefetches.pop(key, None)
+            if stats is not None:
+                stats.prefetch_used += 1
+        return data
 
     @property
     def current_bytes(self) -> int:
-        return int(self._lru.currsize)
+        return int(self.currsize)
 
 
 class FetchContext:
-    """What every snapshot of one mount shares: client, cache, concurrency limit, stats."""
+    """What every snapshot of one mount shares: client, cache, concurrency limit, prefetching."""
 
     def __init__(
         self,
@@ -93,47 +94,84 @@ class FetchContext:
     ) -> None:
         self.client = client
         self.cache = BlockCache(cache_bytes)
+        self.cache_bytes = cache_bytes
+        self.max_concurrency = max_concurrency
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.policy = policy or RetryPolicy()
-        self.stats = ReadStats()
-        self.inflight: dict[tuple[str, int], _Flight] = {}
+        self.inflight: dict[Key, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Enables prefetching for the duration: background fetches live in this nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
 
 
 class SnapshotReader:
     """One snapshot's blocks: `read_block(index)` gives verified bytes, or None for a hole."""
 
-    def __init__(
-        self,
-        snapshot_id: str,
-        blockmap: BlockMap,
-        ctx: FetchContext,
-        *,
-        sleep: Callable[[float], object] | None = None,
-    ) -> None:
+    def __init__(self, snapshot_id: str, blockmap: BlockMap, ctx: FetchContext) -> None:
         self.snapshot_id = snapshot_id
         self.blockmap = blockmap
         self.ctx = ctx
-        self._sleep = sleep or trio.sleep
+        self.stats = ReadStats()
 
     async def read_block(self, index: int) -> bytes | None:
         key = (self.snapshot_id, index)
         ctx = self.ctx
-        data = ctx.cache.get(key)
+        data = ctx.cache.take(key)
         if data is not None:
-            ctx.stats.cache_hits += 1
+            self.stats.cache_hits += 1
             return data
         flight = ctx.inflight.get(key)
         if flight is not None:
-            ctx.stats.shared_flights += 1
+            self.stats.shared_flights += 1
             await flight.event.wait()
             if flight.error is not None:
                 raise flight.error
             return flight.data
-        flight = ctx.inflight[key] = _Flight()
+        return await self._lead(key, prefetch=False)
+
+    def prefetch(self, index: int) -> None:
+        """Start fetching `index` in the background unless it is cached or under way."""
+        key = (self.snapshot_id, index)
+        if key in self.ctx.cache or key in self.ctx.inflight:
+            return
+        if self.ctx.spawn(self._prefetch, key):
+            # Registered now, not when the task first runs, so a reader arriving in between
+            # joins this flight instead of starting a second request.
+            self.ctx.inflight[key] = _Flight()
+
+    async def _prefetch(self, key: Key) -> None:
         try:
-            flight.data = await self._load(index)
+            await self._lead(key, prefetch=True)
+        except EbsError as error:
+            log.debug("prefetch failed (a reader will retry): %s", error)
+
+    async def _lead(self, key: Key, *, prefetch: bool) -> bytes | None:
+        ctx = self.ctx
+        flight = ctx.inflight.get(key)
+        if flight is None or not prefetch:
+            flight = ctx.inflight[key] = _Flight()
+        try:
+            flight.data = await self._load(key[1])
             if flight.data is not None:
-                ctx.cache.put(key, flight.data)
+                ctx.cache[key] = flight.data
+                if prefetch:
+                    self.stats.prefetched += 1
+                    ctx.cache.unread_prefetches[key] = self.stats
             return flight.data
         except BaseException as exc:
             flight.error = exc
@@ -142,27 +180,34 @@ class SnapshotReader:
             del ctx.inflight[key]
             flight.event.set()
 
+    def _timed_get(self, index: int, token: str) -> bytes:
+        started = time.monotonic()
+        data = self.ctx.client.get_block(self.snapshot_id, index, token)
+        self.stats.latency.add(time.monotonic() - started)
+        return data
+
     async def _load(self, index: int) -> bytes | None:
         ctx = self.ctx
+        stats = self.stats
         token = await self.blockmap.lookup(index)
         if token is None:
-            ctx.stats.hole_reads += 1
+            stats.hole_reads += 1
             return None
-        ctx.stats.cache_misses += 1
+        stats.cache_misses += 1
         attempt = 1
         token_retried = False
         while True:
             try:
-                ctx.stats.get_requests += 1
+                stats.get_requests += 1
                 data = await trio.to_thread.run_sync(
-                    ctx.client.get_block, self.snapshot_id, index, token, limiter=ctx.limiter
+                    self._timed_get, index, token, limiter=ctx.limiter
                 )
-                ctx.stats.bytes_fetched += len(data)
+                stats.bytes_fetched += len(data)
                 return data
             except EbsError as error:
                 if error.token_refused and not token_retried:
                     # Tokens expire, and a service may supersede them: re-list once.
-                    ctx.stats.token_refusals += 1
+                    stats.token_refusals += 1
                     token_retried = True
                     log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
                     self.blockmap.invalidate(index)
@@ -171,10 +216,10 @@ class SnapshotReader:
                         return None
                     continue
                 if not error.retryable or attempt >= ctx.policy.max_attempts(error):
-                    ctx.stats.failures += 1
+                    stats.failures += 1
                     log.error("%s (after %d attempts)", error, attempt)
                     raise
-                ctx.stats.count_retry(error)
+                stats.count_retry(error.code)
                 log.debug("%s; retrying (attempt %d)", error, attempt)
-                await self._sleep(ctx.policy.delay(attempt))
+                await trio.sleep(ctx.policy.delay(attempt))
                 attempt += 1

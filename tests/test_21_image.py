@@ -114,7 +114,7 @@ def test_concurrent_reads_of_one_block_share_one_request(
     trio.run(main)
     assert gets(emu) == 1
     assert results == [blocks[7][4096:8192]] * 20
-    assert image.reader.ctx.stats.shared_flights == 19
+    assert image.reader.stats.shared_flights == 19
 
 
 def test_cache_stays_within_its_byte_budget_and_hits_avoid_requests(
@@ -136,7 +136,7 @@ def test_cache_stays_within_its_byte_budget_and_hits_avoid_requests(
         assert gets(emu) == before + 1
 
     trio.run(main)
-    assert ctx.stats.cache_hits >= 1
+    assert image.reader.stats.cache_hits >= 1
 
 
 def test_expired_token_is_refused_then_relisted_once(
@@ -153,7 +153,7 @@ def test_expired_token_is_refused_then_relisted_once(
         assert await image.read(2 * BLOCK_SIZE, 64) == blocks[2][:64]
 
     trio.run(main)
-    assert image.reader.ctx.stats.token_refusals == 1
+    assert image.reader.stats.token_refusals == 1
     assert lists(emu) == 2
     assert emu.counters()["errors"].get("ValidationException", 0) == 1
 
@@ -173,7 +173,7 @@ def test_tokens_are_refreshed_before_they_expire(
     trio.run(main)
     # Over ~5.4 s with a 2 s lifetime the map re-listed ahead of expiry, never hitting a refusal.
     assert lists(emu) >= 3
-    assert image.reader.ctx.stats.token_refusals == 0
+    assert image.reader.stats.token_refusals == 0
     assert image.blockmap.refreshes >= 2
 
 
@@ -210,7 +210,7 @@ def test_faults_never_produce_a_wrong_byte(emu: Emulator, env: dict[str, str]) -
         assert got == b"".join(data[i] for i in range(40))
 
     trio.run(main)
-    stats = image.reader.ctx.stats
+    stats = image.reader.stats
     assert sum(stats.retries.values()) > 0  # the faults were really met
 
 
