@@ -13,10 +13,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import BLOCK_SIZE, __version__
 from .errors import EbsfuseError, UsageError
+
+if TYPE_CHECKING:
+    from .client import ClientSettings
 
 PROG = "ebsfuse"
 COMMANDS = (
@@ -74,6 +77,24 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--endpoint-url",
         help="EBS endpoint, e.g. an emulator's (AWS_ENDPOINT_URL_EBS is honoured too)",
+    )
+    p.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="append one JSON line per verified block fetched (evidence of what was read)",
+    )
+
+
+def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) -> ClientSettings:
+    """ClientSettings from the options `add_client_arguments` added."""
+    from .client import ClientSettings
+
+    return ClientSettings(
+        region=args.region,
+        profile=args.profile,
+        endpoint_url=args.endpoint_url,
+        max_pool_connections=max_pool_connections,
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
     )
 
 
@@ -154,6 +175,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         region=args.region,
         profile=args.profile,
         endpoint_url=args.endpoint_url,
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         cache_bytes=args.cache_size,
         max_concurrency=args.max_concurrency,
         foreground=args.foreground,
@@ -265,7 +287,7 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
             out_flags.append(f"--{key_flag}")
         elif key_flag in (
             "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
-            "log-level", "log-file",
+            "log-level", "log-file", "audit-log",
         ):  # fmt: skip
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")

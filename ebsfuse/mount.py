@@ -53,6 +53,7 @@ class MountOptions:
     region: str | None = None
     profile: str | None = None
     endpoint_url: str | None = None
+    audit_log: str | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     foreground: bool = False
@@ -77,6 +78,7 @@ class MountOptions:
             ("--profile", self.profile),
             ("--endpoint-url", self.endpoint_url),
             ("--log-file", self.log_file),
+            ("--audit-log", self.audit_log),
         ):
             if value:
                 argv += [flag, value]
@@ -294,6 +296,7 @@ def run_daemon(opts: MountOptions) -> int:
                 profile=opts.profile,
                 endpoint_url=opts.endpoint_url,
                 max_pool_connections=opts.max_concurrency,
+                audit_log=opts.audit_log,
             )
         )
         fs, ctx = build_filesystem(opts, client)

@@ -6,6 +6,7 @@ what went over the wire.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -324,3 +325,25 @@ def test_mount_t_fuse_ebsfuse_and_fstab_convention(
         wait_for(lambda: not daemon_pids(mnt), what="the daemon to exit")
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_audit_log_lists_exactly_the_blocks_fetched(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in (0, 3, 9)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    audit = workdir / "audit.jsonl"
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--audit-log", str(audit)) as mount:
+        fd = os.open(mount.image(), os.O_RDONLY)
+        try:
+            os.pread(fd, 4096, 3 * BLOCK_SIZE)
+            os.pread(fd, 4096, 9 * BLOCK_SIZE + 8192)
+            os.pread(fd, 4096, 5 * BLOCK_SIZE)  # a hole: nothing fetched, nothing logged
+        finally:
+            os.close(fd)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sorted(entry["block"] for entry in lines) == [3, 9]
+    for entry in lines:
+        assert entry["snapshot"] == sid and entry["bytes"] == BLOCK_SIZE
+        digest = hashlib.sha256(blocks[entry["block"]]).digest()
+        assert entry["sha256"] == base64.b64encode(digest).decode()
