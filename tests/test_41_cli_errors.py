@@ -149,3 +149,12 @@ def test_unknown_mount_helper_option(env: dict[str, str], mnt: Path, sid: str) -
 
 def test_unmount_of_something_not_mounted(env: dict[str, str], mnt: Path) -> None:
     assert_one_line_failure(run_ebsfuse("unmount", str(mnt), env=env), "not mounted")
+
+
+@needs_fuse
+def test_access_denied(emu: Emulator, env: dict[str, str], mnt: Path, sid: str) -> None:
+    emu.set_faults(denied_access_keys=env["AWS_ACCESS_KEY_ID"])
+    done = mount_fails(env, mnt, sid, str(mnt))
+    assert_one_line_failure(done, sid, "AccessDeniedException", "UNAUTHORIZED_ACCOUNT")
+    # Refused at once: a permission problem is not retried.
+    assert emu.counters()["requests"]["ListSnapshotBlocks"] == 1

@@ -30,6 +30,9 @@ class Faults:
     empty_pages: bool = False
     token_ttl: float = DEFAULT_TOKEN_TTL
     page_token_ttl: float = DEFAULT_PAGE_TOKEN_TTL
+    # Access key ids answered AccessDeniedException, comma-separated: a caller whose IAM
+    # policy lacks the ebs: actions, for testing how clients report it.
+    denied_access_keys: str = ""
 
     def update(self, **changes: Any) -> None:
         """Validate and apply changes; raises ValueError (nothing applied) on a bad one."""
@@ -38,6 +41,11 @@ class Faults:
         for name, value in changes.items():
             if name not in known:
                 raise ValueError(f"unknown fault setting {name!r}")
+            if name == "denied_access_keys":
+                if not isinstance(value, str):
+                    raise ValueError("denied_access_keys must be a comma-separated string")
+                checked[name] = value
+                continue
             if name == "empty_pages":
                 if not isinstance(value, bool):
                     raise ValueError("empty_pages must be true or false")
@@ -59,6 +67,14 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def denies(self, authorization: str) -> bool:
+        """Whether the SigV4 Authorization header's access key is on the denied list."""
+        if not self.denied_access_keys:
+            return False
+        _, _, credential = authorization.partition("Credential=")
+        access_key = credential.split("/", 1)[0]
+        return access_key in {k.strip() for k in self.denied_access_keys.split(",")}
 
     def delay(self, rng: random.Random) -> float:
         """Seconds to hold a response back: latency plus uniform jitter."""

@@ -173,10 +173,17 @@ class Handler(BaseHTTPRequestHandler):
         rng = app.rng
         faults = app.faults
         try:
-            if not self.headers.get("Authorization", "").startswith("AWS4-HMAC-SHA256"):
+            authorization = self.headers.get("Authorization", "")
+            if not authorization.startswith("AWS4-HMAC-SHA256"):
                 raise ApiError(
                     "AccessDeniedException",
                     "The request is not signed (no AWS4-HMAC-SHA256 Authorization header).",
+                    "UNAUTHORIZED_ACCOUNT",
+                )
+            if faults.denies(authorization):
+                raise ApiError(
+                    "AccessDeniedException",
+                    "User is not authorized to perform this action on this snapshot.",
                     "UNAUTHORIZED_ACCOUNT",
                 )
             if faults.fail_rate > 0 and rng.random() < faults.fail_rate:
