@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,10 +29,11 @@ import urllib3.exceptions
 
 from . import BLOCK_SIZE
 from .errors import ChecksumMismatch, EbsError
+from .ids import SNAPSHOT_ID_RE as SNAPSHOT_ID_RE  # re-exported: callers import it here
+from .ids import validate_snapshot_id as validate_snapshot_id
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_ID_RE = re.compile(r"^snap-[0-9a-f]{1,59}$")
 
 # Connect fails fast (a loopback or VPC endpoint answers in milliseconds); a read may wait on
 # a slow block but never forever: the service answers a 512 KiB block in tens of milliseconds,
@@ -115,16 +115,6 @@ class ChangedBlock:
 
 def b64_sha256(data: bytes | memoryview) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-
-
-def validate_snapshot_id(snapshot_id: str) -> str:
-    if not SNAPSHOT_ID_RE.match(snapshot_id):
-        raise EbsError(
-            "not a snapshot id (expected snap- and hex digits, e.g. snap-0123456789abcdef0)",
-            snapshot_id=snapshot_id,
-            code="InvalidSnapshotId",
-        )
-    return snapshot_id
 
 
 def translate(

@@ -5,6 +5,19 @@ variable AWS_ENDPOINT_URL_EBS) with any credentials. See `Emulator` for the Pyth
 `python -m ebsfuse.emulator --help` for the command line.
 """
 
-from .emulator import Emulator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use, so `ebsfuse --help` and the mount command do not load the server.
+    if name == "Emulator":
+        from .emulator import Emulator
+
+        return Emulator
+    raise AttributeError(name)
+
 
 __all__ = ["Emulator"]

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from .emulator import Emulator
 from .faults import DEFAULT_PAGE_TOKEN_TTL, DEFAULT_THROTTLE_RPS, DEFAULT_TOKEN_TTL
 from .synthetic import SpecError, parse_spec
 
@@ -130,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
+        from .emulator import Emulator  # here: `ebsfuse --help` should not load the server
+
         emu = Emulator(
             host=args.host,
             port=args.port,
