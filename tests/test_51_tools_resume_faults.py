@@ -1,0 +1,410 @@
+"""Snapshot tools under stress: kill and resume, Ctrl-C, injected faults, token expiry, terminals.
+
+Kills and signals go to real `ebsfuse download` processes; the resume sidecar written before
+the kill says which blocks were done, and the emulator's counters prove that exactly the
+others are fetched afterwards. Token expiry and page-token refusal are driven through the
+emulator's clock in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ebsfuse import BLOCK_SIZE, GIB
+from ebsfuse.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.download import DownloadOptions, download_snapshot
+from ebsfuse.emulator import Emulator
+from ebsfuse.errors import EbsError
+from ebsfuse.listing import BlockLister
+from ebsfuse.upload import UploadOptions, upload_image
+
+from .conftest import ebsfuse_cmd, wait_for
+from .conftest import run_ebsfuse as run_subprocess
+from .test_50_tools import (
+    assert_one_line_failure,
+    assert_volume_holds,
+    download,
+    gets,
+    puts,
+    rand,
+    run_ebsfuse,
+    upload,
+    write_image,
+)
+
+FAST = RetryPolicy(attempts=4, throttle_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+
+
+def client_for(emu: Emulator) -> EbsClient:
+    return EbsClient(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+
+
+@contextlib.contextmanager
+def started(args: list[str], env: dict[str, str], **kw: object) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(ebsfuse_cmd(*args), env=env, text=True, **kw)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def done_count(state_path: Path, indexes: set[int]) -> int:
+    """Blocks the resume sidecar vouches for."""
+    state = json.loads(state_path.read_text())
+    below = sum(1 for i in indexes if i < state["done_below"])
+    return below + len(set(state["done_extra"]) - set(range(state["done_below"])))
+
+
+@pytest.fixture
+def slow_snapshot(emu: Emulator, workdir: Path) -> tuple[str, Path, set[int]]:
+    """40 data blocks with holes between, served slowly enough to interrupt half way."""
+    indexes = {i * 3 for i in range(40)}
+    blocks = {i: rand() for i in indexes}
+    image = write_image(workdir / "src.img", blocks, 120)
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    return sid, image, indexes
+
+
+def test_resume_after_sigkill_fetches_only_what_is_missing(
+    emu: Emulator, env: dict[str, str], workdir: Path, slow_snapshot: tuple[str, Path, set[int]]
+) -> None:
+    sid, image, indexes = slow_snapshot
+    out = workdir / "out.img"
+    state = workdir / "out.img.partial.state"
+    emu.set_faults(latency_ms=150)  # 2 workers: ~13 blocks a second, 3 s for all
+    args = ["download", sid, str(out), "--workers", "2", "-q"]
+    with started(args, env) as proc:
+        # The first checkpoint (after 2 s) records some blocks: kill right after it.
+        wait_for(
+            lambda: state.exists() and json.loads(state.read_text())["done_below"] > 0,
+            what="a checkpoint",
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert not out.exists()  # nothing named DEST until the download is complete
+    done = done_count(state, indexes)
+    assert 0 < done < len(indexes)
+
+    emu.set_faults(latency_ms=0)
+    emu.reset_counters()
+    refused = run_ebsfuse("download", sid, str(out), env=env)
+    assert_one_line_failure(refused, "--resume")
+    result = download(env, sid, out, "--resume")
+    assert result["resumed"] is True
+    assert gets(emu) == len(indexes) - done == result["blocks_fetched"]
+    # Blocks below the low-water mark are not even listed again; those above it are skipped.
+    assert result["blocks_listed"] == len(indexes) - (done - result["blocks_already_done"])
+    assert_volume_holds(out, image)
+    assert not state.exists() and not (workdir / "out.img.partial").exists()
+
+
+def test_ctrl_c_exits_130_and_leaves_a_resumable_download(
+    emu: Emulator, env: dict[str, str], workdir: Path, slow_snapshot: tuple[str, Path, set[int]]
+) -> None:
+    sid, image, indexes = slow_snapshot
+    out = workdir / "out.img"
+    state = workdir / "out.img.partial.state"
+    emu.set_faults(latency_ms=100)
+    args = ["download", sid, str(out), "--workers", "2"]
+    with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        wait_for(lambda: emu.counters()["requests"].get("GetSnapshotBlock", 0) >= 6, what="gets")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0], stderr
+    assert not out.exists()
+    done = done_count(state, indexes)
+    assert done >= 1  # the final checkpoint records what finished before the interrupt
+
+    emu.set_faults(latency_ms=0)
+    emu.reset_counters()
+    result = download(env, sid, out, "--resume")
+    assert gets(emu) == len(indexes) - done == result["blocks_fetched"]
+    assert_volume_holds(out, image)
+
+
+def test_interrupted_incremental_download_resumes(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    parent_blocks = {i: rand() for i in range(0, 60, 2)}
+    parent = emu.create_snapshot(blocks=parent_blocks, volume_size_gib=1)
+    changed = {i: rand() for i in range(1, 60, 2)}
+    child = emu.create_snapshot(blocks=changed, parent=parent)
+    out = workdir / "vol.img"
+    download(env, parent, out)
+    expected = write_image(workdir / "expected.img", {**parent_blocks, **changed}, 60)
+    emu.reset_counters()
+    emu.set_faults(latency_ms=100)
+    args = ["download", child, str(out), "--base", parent, "--workers", "2"]
+    with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        wait_for(lambda: emu.counters()["requests"].get("GetSnapshotBlock", 0) >= 4, what="gets")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    # While being changed, the image is not at DEST: it passes for neither snapshot.
+    assert not out.exists() and (workdir / "vol.img.partial").exists()
+    emu.set_faults(latency_ms=0)
+    emu.reset_counters()
+    result = download(env, child, out, "--base", parent, "--resume")
+    assert result["blocks_fetched"] < len(changed) and gets(emu) == result["blocks_fetched"]
+    assert_volume_holds(out, expected)
+
+
+def test_resume_state_must_match(
+    emu: Emulator, env: dict[str, str], workdir: Path, slow_snapshot: tuple[str, Path, set[int]]
+) -> None:
+    sid, _, _ = slow_snapshot
+    other = emu.create_snapshot(blocks={0: rand()})
+    out = workdir / "out.img"
+    emu.set_faults(latency_ms=100)
+    args = ["download", sid, str(out), "--workers", "1"]
+    with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        wait_for(lambda: (workdir / "out.img.partial.state").exists(), what="the sidecar")
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    emu.set_faults(latency_ms=0)
+    mismatch = run_ebsfuse("download", other, str(out), "--resume", env=env)
+    assert_one_line_failure(mismatch, sid, "not this one")
+    # --force starts over.
+    download(env, other, out, "--force")
+    assert not (workdir / "out.img.partial").exists()
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def test_every_command_survives_5xx_throttling_and_cut_bodies(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = {i: rand() for i in (0, 1, 2, 3, 5, 8, 13, 21)}
+    image = write_image(workdir / "disk.img", blocks, 24)
+    emu.seed_faults(7)
+    emu.set_faults(fail_rate=0.2, truncate_rate=0.3, throttle_rps=40)
+    up = upload(env, image, "--manifest", str(workdir / "m"))
+    sid = str(up["snapshot_id"])
+    out = workdir / "out.img"
+    download(env, sid, out)
+    assert_volume_holds(out, image)
+    child_image = write_image(workdir / "child.img", {**blocks, 4: rand(), 5: rand()}, 24)
+    child = str(
+        upload(env, child_image, "--parent", sid, "--parent-manifest", str(workdir / "m"))[
+            "snapshot_id"
+        ]
+    )
+    download(env, child, out, "--base", sid)
+    assert_volume_holds(out, child_image)
+    diff = json.loads(run_ebsfuse("diff", sid, child, "--json", env=env).stdout)
+    assert diff["changed_blocks"] == 2
+    info = json.loads(run_ebsfuse("info", child, "--json", env=env).stdout)
+    assert info["written_blocks"] == 9
+    injected = emu.counters()["errors_injected"]
+    assert injected["InternalServerException"] > 0 and injected["truncated"] > 0
+
+
+def test_throttling_past_the_retry_budget_fails_cleanly(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    sid = emu.create_snapshot(blocks={i: rand() for i in range(4)})
+    emu.set_faults(throttle_rps=0.001)  # every block request is refused
+    out = workdir / "out.img"
+    policy = "3,3,0.01,0.02"
+    done = run_subprocess("download", sid, str(out), "--retry-policy", policy, env=env, timeout=60)
+    assert_one_line_failure(done, "RequestThrottledException")
+    assert not out.exists()  # the partial file stays resumable, DEST is not faked
+    image = write_image(workdir / "disk.img", {0: rand()}, 2)
+    up = run_ebsfuse("upload", str(image), "--retry-policy", policy, env=env)
+    assert_one_line_failure(up, "RequestThrottledException")
+
+
+def test_token_refused_mid_download_is_relisted(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = {i: rand() for i in range(0, 40, 4)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+
+    class Aging(EbsClient):
+        """Eight days pass between the listing and the first block: every token expired."""
+
+        aged = False
+
+        def get_block(self, snapshot_id: str, index: int, token: str) -> bytes:
+            if not Aging.aged:
+                Aging.aged = True
+                emu.advance_clock(8 * 86400)
+            return super().get_block(snapshot_id, index, token)
+
+    client = Aging(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    out = workdir / "out.img"
+    result = download_snapshot(client, sid, str(out), DownloadOptions(workers=1, policy=FAST))
+    assert result.blocks_fetched == len(blocks)
+    assert emu.counters()["errors"].get("ValidationException", 0) >= 1  # refused tokens
+    image = write_image(workdir / "expected.img", blocks, 40)
+    assert_volume_holds(out, image)
+
+
+def test_lister_relists_near_expiry_and_after_page_token_refusal(
+    emu: Emulator, env: dict[str, str]
+) -> None:
+    sid = emu.create_synthetic("size=1,pattern=every:3,seed=5")  # 683 blocks
+    expected = list(range(0, 2048, 3))
+    now = [time.time()]
+    lister = BlockLister(client_for(emu), sid, policy=FAST, page_size=100, clock=lambda: now[0])
+    seen = []
+    lists_before = emu.counters()["requests"].get("ListSnapshotBlocks", 0)
+    for n, block in enumerate(lister):
+        seen.append(block.index)
+        if n == 50:
+            now[0] += 0.9 * 7 * 86400  # 90% of the token lifetime: re-list the rest of the page
+        if n == 250:
+            emu.advance_clock(3601)  # the page token in hand has expired
+        if n == 400:
+            now[0] = emu.clock.now()  # keep the lister's clock in step with the emulator's
+    assert seen == expected
+    lists = emu.counters()["requests"].get("ListSnapshotBlocks", 0) - lists_before
+    assert lists >= len(expected) // 100 + 2  # the pages plus the re-lists
+    assert emu.counters()["errors"].get("ValidationException", 0) >= 1  # INVALID_PAGE_TOKEN
+
+
+# -- upload's idempotence and eventual consistency ----------------------------------------------
+
+
+def test_retried_start_snapshot_makes_one_snapshot(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    class LostResponse(EbsClient):
+        """The first StartSnapshot reaches the service but its answer is lost."""
+
+        calls = 0
+
+        def start_snapshot(self, **kwargs: object) -> dict[str, object]:
+            LostResponse.calls += 1
+            answer = super().start_snapshot(**kwargs)
+            if LostResponse.calls == 1:
+                raise EbsError("connection reset", code="ConnectionError", retryable=True)
+            return answer
+
+    image = write_image(workdir / "disk.img", {0: rand(), 2: rand()}, 4)
+    client = LostResponse(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    result = upload_image(client, str(image), UploadOptions(policy=FAST, workers=2))
+    assert LostResponse.calls == 2
+    assert emu.store.ids() == [result.snapshot_id]
+    assert result.status == "completed" and result.blocks_written == 2
+
+
+def test_snapshot_not_found_right_after_start_is_retried(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    class NotYetVisible(EbsClient):
+        """The new snapshot is invisible for its first 10 PutSnapshotBlock requests."""
+
+        refusals = 0
+
+        def put_block(self, snapshot_id: str, index: int, data: bytes, checksum: str) -> None:
+            if NotYetVisible.refusals < 10:
+                NotYetVisible.refusals += 1
+                raise EbsError(
+                    "The snapshot does not exist.",
+                    code="ResourceNotFoundException",
+                    snapshot_id=snapshot_id,
+                    retryable=True,
+                )
+            super().put_block(snapshot_id, index, data, checksum)
+
+    blocks = {0: rand(), 1: rand()}
+    image = write_image(workdir / "disk.img", blocks, 2)
+    client = NotYetVisible(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    # 10 refusals are beyond the policy's 4 attempts: the grace period carries the upload.
+    result = upload_image(client, str(image), UploadOptions(policy=FAST, workers=1))
+    assert NotYetVisible.refusals == 10 and puts(emu) == 2
+    out = workdir / "out.img"
+    download(env, result.snapshot_id, out)
+    assert_volume_holds(out, image)
+
+
+# -- terminals, memory ----------------------------------------------------------------------------
+
+
+def _run_on_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ebsfuse with stdout and stderr on a pseudo-terminal; (exit status, what it drew)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        ebsfuse_cmd(*args), env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break  # EIO: the child closed its side
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+    return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_only_on_a_terminal(emu: Emulator, env: dict[str, str], workdir: Path) -> None:
+    sid = emu.create_snapshot(blocks={i: rand() for i in range(12)})
+    emu.set_faults(latency_ms=60)
+    rc, drawn = _run_on_pty(["download", sid, str(workdir / "a.img"), "--workers", "2"], env)
+    assert rc == 0 and "ETA" in drawn and "\r" in drawn and "/s" in drawn
+    rc, drawn = _run_on_pty(["download", sid, str(workdir / "b.img"), "--workers", "2", "-q"], env)
+    assert rc == 0 and drawn == ""
+    emu.set_faults(latency_ms=0)
+    piped = run_subprocess("download", sid, str(workdir / "c.img"), env=env)
+    assert piped.returncode == 0 and piped.stderr == "" and "\r" not in piped.stdout
+
+
+def test_memory_stays_flat_on_an_8_tib_volume(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    # 8 TiB = 16.8 million block indexes; 256 of them written, spread over the whole volume.
+    # (Not 16 TiB: ext4 files stop 4 KiB short of that, and the download would say so.)
+    sid = emu.create_synthetic("size=8192,pattern=every:65536,seed=9")
+    out = workdir / "big.img"
+    proc = subprocess.Popen(
+        ebsfuse_cmd("download", sid, str(out), "--json"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["blocks_fetched"] == 256
+    assert os.path.getsize(out) == 8192 * GIB
+    assert os.stat(out).st_blocks * 512 <= 256 * BLOCK_SIZE + 16 * 1024 * 1024
+    # Peak RSS (KiB on Linux): interpreter, boto3 and 64 workers' buffers, nothing per block.
+    assert usage.ru_maxrss < 250 * 1024, usage.ru_maxrss
