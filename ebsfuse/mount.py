@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .errors import EbsfuseError, UsageError
@@ -283,6 +284,34 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
         log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
         images.append(SnapshotImage(info, ctx, start_time=None))
     return SnapshotFS(images, uid=os.getuid(), gid=os.getgid()), ctx
+
+
+def snapshot_start_times(opts: MountOptions) -> dict[str, datetime]:
+    """StartTime of each snapshot from EC2 DescribeSnapshots, for the images' mtime.
+
+    The EBS direct APIs do not tell it. Asked only where EC2 is reachable the same way as EBS:
+    on AWS itself, or where an EC2 endpoint is configured next to a custom EBS one (an
+    emulator has no EC2). One quick attempt; without it mtime is the mount time.
+    """
+    custom_ebs = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_EBS")
+    if custom_ebs and not os.environ.get("AWS_ENDPOINT_URL_EC2"):
+        return {}
+    try:
+        import boto3
+        import botocore.config
+
+        session = boto3.session.Session(profile_name=opts.profile, region_name=opts.region)
+        ec2 = session.client(
+            "ec2",
+            config=botocore.config.Config(
+                connect_timeout=2, read_timeout=3, retries={"total_max_attempts": 1}
+            ),
+        )
+        answer = ec2.describe_snapshots(SnapshotIds=opts.snapshot_ids)
+        return {s["SnapshotId"]: s["StartTime"] for s in answer.get("Snapshots", [])}
+    except Exception as exc:
+        log.info("snapshot start times unknown (%s); mtime is the mount time", exc)
+        return {}
 
 
 def fuse_options(opts: MountOptions) -> set[str]:

@@ -11,8 +11,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 
 from .conftest import (
@@ -28,6 +30,7 @@ pytest.importorskip("moto.server")
 
 MOTO_WITH_EBS_BLOCK_SIZE = """
 import sys
+import time
 import moto.ebs.models as models
 original = models.EBSSnapshot.__init__
 def init(self, *args, **kwargs):
@@ -74,6 +77,7 @@ def moto_endpoint():
 @needs_root
 def test_mount_reads_a_snapshot_served_by_moto(moto_endpoint: str, workdir: Path) -> None:
     env = aws_env(moto_endpoint)
+    env["AWS_ENDPOINT_URL_EC2"] = moto_endpoint  # moto also answers DescribeSnapshots
     raw = bytearray(os.urandom(6 * 524288))
     raw[2 * 524288 : 3 * 524288] = bytes(524288)  # a hole the uploader skips
     source = workdir / "src.img"
@@ -81,8 +85,14 @@ def test_mount_reads_a_snapshot_served_by_moto(moto_endpoint: str, workdir: Path
     done = run_ebsfuse("upload", str(source), env=env)
     assert done.returncode == 0, done.stderr
     sid = done.stdout.strip()
+    time.sleep(2)  # so the snapshot's StartTime and the mount time are told apart below
     with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
         with open(mount.image(), "rb") as f:
             assert f.read(len(raw)) == bytes(raw)
             assert f.read(524288) == bytes(524288)
+        # mtime is the snapshot's StartTime from EC2, not the mount time.
+        ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name="us-east-1",
+                           aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+        started = ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["StartTime"]
+        assert abs(os.stat(mount.image()).st_mtime - started.timestamp()) < 1
         assert "Traceback" not in mount.log()
