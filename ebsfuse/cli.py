@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 PROG = "ebsfuse"
 COMMANDS = (
-    "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info", "emulator",
+    "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info",
+    "browse", "restore", "hash", "emulator",
 )  # fmt: skip
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -152,10 +153,11 @@ def build_parser() -> OneLineParser:
     st.add_argument("--json", action="store_true", help="print the raw counters as JSON")
     st.set_defaults(func=cmd_stats)
 
-    from . import tools_cli
+    from . import tools_cli, workflows_cli
     from .emulator.cli import add_arguments as add_emulator_arguments
 
     tools_cli.register(sub)
+    workflows_cli.register(sub)
 
     em = sub.add_parser("emulator", help="run a local EBS direct API server")
     add_emulator_arguments(em)
@@ -193,8 +195,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
+    from .browse import unmount_browse
     from .mount import unmount
 
+    if unmount_browse(args.mountpoint, lazy=args.lazy):  # a browse chain: undo all of it
+        return 0
     unmount(args.mountpoint, lazy=args.lazy)
     return 0
 

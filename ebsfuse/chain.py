@@ -1,0 +1,537 @@
+"""The chain behind `browse` and `restore`: private FUSE mount -> read-only loop -> filesystem.
+
+    <runtime>/<kind>-<id>/image/          ebsfuse mount daemon (a child, its own session)
+        <snapshot-id>[-partN].img         the partition file (fs.py's view of the byte range)
+    /dev/loopN                            losetup -r on that file (read-only block device)
+    TARGET                                mount -o <never-write options> /dev/loopN TARGET
+
+Every step is undone by `Chain.teardown`, which trusts the kernel's state rather than its own
+memory (what is mounted at TARGET, which loop devices are backed by files under the FUSE mount,
+whether the daemon still runs), so it also cleans up a half-built chain after Ctrl-C in the
+middle of a step, or a chain whose builder was killed (`Chain.from_state`).
+
+Nothing in the chain can write to the snapshot: the EBS direct APIs are read through
+GetSnapshotBlock only, the FUSE mount is read-only, the loop device is read-only (`-r`), and the
+filesystem is mounted with the options that keep its driver from writing even to replay a
+journal (`MOUNT_OPTIONS`: ext4 `noload`, XFS `norecovery`, btrfs `nologreplay`).
+
+The runtime directory is `$EBSFUSE_RUNTIME_DIR`, else `/run/ebsfuse` for root, else
+`$XDG_RUNTIME_DIR/ebsfuse` or `/tmp/ebsfuse-<uid>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EbsfuseError, UsageError
+from .mount import MountOptions
+
+log = logging.getLogger(__name__)
+
+# The daemon describes the snapshot within its retry budget (under a minute); mount.py waits
+# as long for the same reason.
+READY_TIMEOUT_S = 120.0
+# A filesystem may be briefly busy right after the copy (the kernel releasing the last
+# references); after this long `umount` is retried lazily so teardown always finishes.
+UMOUNT_BUSY_RETRY_S = 5.0
+# A daemon asked to stop unmounts at once; one that has not exited after this is killed.
+DAEMON_STOP_TIMEOUT_S = 15.0
+# Bytes read from the start of a partition to recognise its filesystem: btrfs keeps its magic
+# at 64 KiB + 64, the farthest of those looked for. One or two EBS blocks at most.
+PROBE_BYTES = 0x10040 + 8
+
+# mount(8) type and the options that never write, by detected filesystem.
+MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
+    # The ext4 driver mounts ext2 and ext3 too; `noload` skips the journal (no replay), which a
+    # dirty journal otherwise demands even on `ro`, and a read-only device then refuses.
+    "ext2": ("ext4", "ro,noload"),
+    "ext3": ("ext4", "ro,noload"),
+    "ext4": ("ext4", "ro,noload"),
+    # `norecovery` skips log replay; `nouuid` lets a clone of a mounted XFS (the host's own
+    # root, snapshotted) mount beside it.
+    "xfs": ("xfs", "ro,norecovery,nouuid"),
+    # No log-tree replay (`rescue=nologreplay` since Linux 5.9; `nologreplay` before).
+    "btrfs": ("btrfs", "ro,rescue=nologreplay"),
+    "vfat": ("vfat", "ro"),
+    "exfat": ("exfat", "ro"),
+    "ntfs": ("ntfs3", "ro"),  # ntfs-3g is tried when the kernel has no ntfs3
+    "iso9660": ("iso9660", "ro"),
+    "squashfs": ("squashfs", "ro"),
+}
+# Recognised, but not a filesystem to mount: named in the error so the user knows what it is.
+NOT_MOUNTABLE = ("swap", "LVM2 physical volume", "LUKS encrypted volume")
+
+
+def runtime_dir() -> str:
+    configured = os.environ.get("EBSFUSE_RUNTIME_DIR")
+    if configured:
+        return os.path.abspath(configured)
+    if os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/ebsfuse"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "ebsfuse")
+    return f"/tmp/ebsfuse-{os.getuid()}"
+
+
+def human(n: int) -> str:
+    from .progress import human_bytes
+
+    return human_bytes(n)
+
+
+# -- filesystem detection ---------------------------------------------------------------------
+
+
+def detect_filesystem(head: bytes) -> str | None:
+    """The filesystem (or volume type) whose signature starts `head`, by magic bytes."""
+
+    def at(offset: int, magic: bytes) -> bool:
+        return head[offset : offset + len(magic)] == magic
+
+    if at(0x438, b"\x53\xef"):
+        compat, incompat = (int.from_bytes(head[o : o + 4], "little") for o in (0x45C, 0x460))
+        if incompat & ~0x1E:  # extents, 64bit, flex_bg...: features ext3 never had
+            return "ext4"
+        return "ext3" if compat & 0x4 else "ext2"  # has_journal
+    if at(0, b"XFSB"):
+        return "xfs"
+    if at(0x10040, b"_BHRfS_M"):
+        return "btrfs"
+    if at(3, b"NTFS    "):
+        return "ntfs"
+    if at(3, b"EXFAT   "):
+        return "exfat"
+    if at(0x1FE, b"\x55\xaa") and (at(0x36, b"FAT") or at(0x52, b"FAT32")):
+        return "vfat"
+    if at(0x8001, b"CD001"):
+        return "iso9660"
+    if at(0, b"hsqs"):
+        return "squashfs"
+    if at(4086, b"SWAPSPACE2") or at(4086, b"SWAP-SPACE"):
+        return "swap"
+    if at(512, b"LABELONE") and at(536, b"LVM2 001"):
+        return "LVM2 physical volume"
+    if at(0, b"LUKS\xba\xbe"):
+        return "LUKS encrypted volume"
+    return None
+
+
+def probe_file(path: str) -> str | None:
+    with open(path, "rb") as f:
+        return detect_filesystem(f.read(PROBE_BYTES))
+
+
+# -- small helpers over the kernel's state ------------------------------------------------------
+
+
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise EbsfuseError(f"{cmd[0]} is not installed (util-linux provides it)") from None
+
+
+def _last_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = (done.stderr or done.stdout or "").strip().splitlines()
+    return lines[-1].strip() if lines else f"exit status {done.returncode}"
+
+
+def mount_source(path: str) -> str | None:
+    """The source of the topmost mount at `path` (e.g. /dev/loop3), from /proc/self/mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == path:
+                found = fields[fields.index("-") + 2]
+    return found
+
+
+def loop_backing_file(device: str) -> str | None:
+    name = os.path.basename(device)
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def loops_under(directory: str) -> list[str]:
+    """Loop devices whose backing file lies under `directory`."""
+    devices = []
+    for entry in os.listdir("/sys/block"):
+        if entry.startswith("loop"):
+            backing = loop_backing_file(entry)
+            if backing and backing.startswith(directory.rstrip("/") + "/"):
+                devices.append(f"/dev/{entry}")
+    return devices
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def umount(path: str, *, lazy_after: float | None = UMOUNT_BUSY_RETRY_S) -> None:
+    """Unmount `path`, retrying while busy, then lazily (if `lazy_after` is not None)."""
+    deadline = time.monotonic() + (lazy_after or 0)
+    while os.path.ismount(path):
+        done = _run(["umount", path])
+        if done.returncode == 0:
+            return
+        if "busy" not in _last_line(done).lower():
+            if not os.path.ismount(path):
+                return
+            raise EbsfuseError(f"cannot unmount {path}: {_last_line(done)}")
+        if time.monotonic() >= deadline:
+            if lazy_after is None:
+                raise EbsfuseError(
+                    f"cannot unmount {path}: target is busy (a process uses it; try --lazy)"
+                )
+            log.warning("%s is busy: detaching it lazily", path)
+            _run(["umount", "-l", path])
+            return
+        time.sleep(0.2)
+
+
+# -- the chain -------------------------------------------------------------------------------
+
+
+@dataclass
+class Selected:
+    """The file the loop device will read, and what it holds."""
+
+    path: str
+    partition: int  # 0 for the whole disk
+    fstype: str
+    size: int
+
+    def label(self) -> str:
+        where = "the whole disk" if self.partition == 0 else f"partition {self.partition}"
+        return f"{where} ({self.fstype}, {human(self.size)})"
+
+
+@dataclass
+class Chain:
+    snapshot_id: str
+    base: str  # private directory holding the FUSE mount point (and browse's state file)
+    target: str  # where the filesystem is mounted
+    daemon_pid: int | None = None
+    device: str | None = None
+    selected: Selected | None = None
+    owns_target: bool = False  # target was created by us (restore): removed on teardown
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def image_dir(self) -> str:
+        return os.path.join(self.base, "image")
+
+    # -- building ----------------------------------------------------------------------------
+
+    def start_daemon(
+        self, opts: MountOptions, interrupted: Callable[[], bool] = lambda: False
+    ) -> None:
+        """`ebsfuse mount --foreground` on the private dir; returns once the mount is live."""
+        os.makedirs(self.image_dir, exist_ok=True)
+        opts.snapshot_ids = [self.snapshot_id]
+        opts.mountpoint = self.image_dir
+        read_fd, write_fd = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                opts.daemon_argv(write_fd),
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C at the terminal reaches us, and we take it down in
+                # order (filesystem, loop, then the daemon), never the daemon first.
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(write_fd)
+        self.daemon_pid = self._proc.pid
+        try:
+            message = _wait_ready(read_fd, self._proc, interrupted)
+        finally:
+            os.close(read_fd)
+        if message == "ok":
+            return
+        if message.startswith("error "):
+            raise EbsfuseError(message[len("error ") :])
+        raise EbsfuseError("the mount daemon exited before the snapshot was mounted")
+
+    def partitions(self) -> dict[int, str]:
+        """Partition number -> file in the FUSE mount (listing it triggers detection)."""
+        prefix = f"{self.snapshot_id}-part"
+        found = {}
+        for name in os.listdir(self.image_dir):
+            if name.startswith(prefix) and name.endswith(".img"):
+                number = name[len(prefix) : -len(".img")]
+                if number.isdigit():
+                    found[int(number)] = os.path.join(self.image_dir, name)
+        return dict(sorted(found.items()))
+
+    def select(self, partition: int | None) -> Selected:
+        """The partition asked for, or the only mountable filesystem; one clear line otherwise."""
+        parts = self.partitions()
+        whole = os.path.join(self.image_dir, f"{self.snapshot_id}.img")
+        if partition == 0 or (partition is None and not parts):
+            return self._probe(0, whole, required=True)
+        if partition is not None:
+            if partition not in parts:
+                have = (
+                    f"its partitions are {', '.join(map(str, parts))}"
+                    if parts
+                    else "it has no partition table (use --partition 0 or leave it out)"
+                )
+                raise UsageError(f"{self.snapshot_id} has no partition {partition}: {have}")
+            return self._probe(partition, parts[partition], required=True)
+        candidates, others = [], []
+        for number, path in parts.items():
+            found = self._probe(number, path, required=False)
+            if found.fstype in MOUNT_OPTIONS:
+                candidates.append(found)
+            else:
+                others.append(f"{number}: {found.fstype}")
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise EbsfuseError(
+                f"{self.snapshot_id} holds no filesystem ebsfuse can mount "
+                f"(partitions {'; '.join(others)})"
+            )
+        listed = ", ".join(c.label() for c in candidates)
+        raise UsageError(
+            f"{self.snapshot_id} has several filesystems: {listed}; choose one with --partition N"
+        )
+
+    def _probe(self, number: int, path: str, *, required: bool) -> Selected:
+        fstype = probe_file(path) or "nothing recognisable"
+        selected = Selected(path, number, fstype, os.path.getsize(path))
+        if required and fstype not in MOUNT_OPTIONS:
+            where = "the disk" if number == 0 else f"partition {number}"
+            raise EbsfuseError(
+                f"{self.snapshot_id}: {where} holds no filesystem ebsfuse can mount "
+                f"(found: {fstype})"
+            )
+        return selected
+
+    def attach(self, selected: Selected) -> str:
+        self.selected = selected
+        done = _run(["losetup", "-r", "-f", "--show", selected.path])
+        if done.returncode != 0:
+            raise EbsfuseError(f"cannot attach a loop device: {_last_line(done)}")
+        self.device = done.stdout.strip()
+        return self.device
+
+    def mount_filesystem(self) -> None:
+        assert self.selected is not None and self.device is not None
+        fstype = self.selected.fstype
+        kind, options = MOUNT_OPTIONS[fstype]
+        attempts = [(kind, options)]
+        if fstype == "btrfs":
+            attempts.append(("btrfs", "ro,nologreplay"))  # kernels before 5.9
+        if fstype == "ntfs":
+            attempts.append(("ntfs-3g", "ro"))
+        os.makedirs(self.target, exist_ok=True)
+        reason = ""
+        for kind, options in attempts:
+            done = _run(["mount", "-t", kind, "-o", options, self.device, self.target])
+            if done.returncode == 0:
+                return
+            reason = _last_line(done)
+        raise EbsfuseError(f"cannot mount {self.selected.label()} read-only ({options}): {reason}")
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters for this snapshot ({} if they cannot be read)."""
+        from .fs import STATS_NAME
+
+        try:
+            with open(os.path.join(self.image_dir, STATS_NAME.decode()), "rb") as f:
+                return json.loads(f.read())["snapshots"][self.snapshot_id]
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    # -- browse's state file ---------------------------------------------------------------
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.base, "state.json")
+
+    def save_state(self, keeper_pid: int) -> None:
+        state = {
+            "snapshot_id": self.snapshot_id,
+            "target": self.target,
+            "daemon_pid": self.daemon_pid,
+            "keeper_pid": keeper_pid,
+            "device": self.device,
+            "partition": self.selected.partition if self.selected else None,
+            "fstype": self.selected.fstype if self.selected else None,
+        }
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+        os.replace(tmp, self.state_path)
+
+    @classmethod
+    def from_state(cls, base: str) -> tuple[Chain, dict[str, Any]] | None:
+        try:
+            with open(os.path.join(base, "state.json")) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return None
+        chain = cls(state["snapshot_id"], base, state["target"], state.get("daemon_pid"))
+        chain.device = state.get("device")
+        return chain, state
+
+    # -- undoing ---------------------------------------------------------------------------
+
+    def teardown(self, *, lazy: bool = False) -> None:
+        """Undo whatever part of the chain exists, innermost first; never raises."""
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
+        try:
+            self._teardown(lazy)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _teardown(self, lazy: bool) -> None:
+        if os.path.ismount(self.target) and self._target_is_ours():
+            try:
+                if lazy:
+                    _run(["umount", "-l", self.target])
+                else:
+                    umount(self.target)
+            except EbsfuseError as error:
+                log.warning("%s", error)
+        if os.path.isdir(self.image_dir):
+            for device in loops_under(self.image_dir):
+                # On a device still held (a lazy unmount), this sets autoclear instead.
+                _run(["losetup", "-d", device])
+        self._stop_daemon()
+        if os.path.ismount(self.image_dir):
+            _run(["fusermount3", "-u", "-z", self.image_dir])
+        if self.owns_target:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.target)
+        with contextlib.suppress(OSError):
+            os.unlink(self.state_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.image_dir)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.base)
+
+    def _target_is_ours(self) -> bool:
+        """The target's mount is a loop device over our image dir (not some unrelated mount)."""
+        source = mount_source(self.target) or ""
+        backing = loop_backing_file(source) if source.startswith("/dev/loop") else None
+        if backing is None:
+            # Detached loop (autoclear) or never ours: only if it is the device we attached.
+            return source != "" and source == self.device
+        return backing.startswith(self.image_dir + "/")
+
+    def _stop_daemon(self) -> None:
+        pid = self.daemon_pid
+        if pid is None or not pid_alive(pid) or not _is_our_daemon(pid, self.image_dir):
+            if self._proc is not None:
+                with contextlib.suppress(Exception):
+                    self._proc.wait(0)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # the daemon unmounts and exits 0
+        deadline = time.monotonic() + DAEMON_STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc is not None:
+                if self._proc.poll() is not None:
+                    return
+            elif not pid_alive(pid):
+                return
+            time.sleep(0.05)
+        log.warning("the mount daemon %d did not stop: killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if self._proc is not None:
+            self._proc.wait()
+
+
+def _is_our_daemon(pid: int, image_dir: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return image_dir.encode() in args
+
+
+def _wait_ready(
+    read_fd: int, proc: subprocess.Popen[bytes], interrupted: Callable[[], bool]
+) -> str:
+    """The daemon's one-line readiness message ('ok' or 'error REASON'), or '' if it died."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    chunks: list[bytes] = []
+    while True:
+        if interrupted():
+            raise KeyboardInterrupt
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EbsfuseError(f"the mount daemon was not ready in {READY_TIMEOUT_S:.0f} s")
+        try:
+            readable, _, _ = select.select([read_fd], [], [], min(remaining, 0.2))
+        except InterruptedError:
+            continue
+        if not readable:
+            continue
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+def daemon_options(args: Any) -> MountOptions:
+    """MountOptions for the private daemon from a workflow command's parsed arguments."""
+    return MountOptions(
+        snapshot_ids=[],
+        mountpoint="",
+        region=args.region,
+        profile=args.profile,
+        endpoint_url=args.endpoint_url,
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        cache_bytes=args.cache_size,
+        max_concurrency=args.max_concurrency,
+        log_level=args.log_level,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
+    )
+
+
+def check_tools(*names: str) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            raise EbsfuseError(f"{name} is not installed (util-linux and fuse3 provide it)")
+
+
+def python_argv() -> list[str]:
+    return [sys.executable, "-m", "ebsfuse"]
