@@ -279,10 +279,11 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
         client, cache_bytes=opts.cache_bytes, max_concurrency=opts.max_concurrency, policy=policy
     )
     images = []
+    start_times = snapshot_start_times(opts)
     for sid in opts.snapshot_ids:
         info = describe_snapshot(client, sid, policy)
         log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
-        images.append(SnapshotImage(info, ctx, start_time=None))
+        images.append(SnapshotImage(info, ctx, start_time=start_times.get(sid)))
     return SnapshotFS(images, uid=os.getuid(), gid=os.getgid()), ctx
 
 

@@ -94,5 +94,5 @@ def test_mount_reads_a_snapshot_served_by_moto(moto_endpoint: str, workdir: Path
         ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name="us-east-1",
                            aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
         started = ec2.describe_snapshots(SnapshotIds=[sid])["Snapshots"][0]["StartTime"]
-        assert abs(os.stat(mount.image()).st_mtime - started.timestamp()) < 1
+        assert abs(os.stat(mount.image()).st_mtime - started.timestamp()) < 1, mount.log()
         assert "Traceback" not in mount.log()
