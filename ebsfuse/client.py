@@ -160,6 +160,43 @@ def translate(
     return EbsError(f"{type(exc).__name__}: {exc}", code=type(exc).__name__, **where)
 
 
+def verify_block(
+    data: bytes,
+    expected_length: int | None,
+    algorithm: str | None,
+    checksum: str | None,
+    *,
+    snapshot_id: str,
+    block_index: int,
+) -> None:
+    """Raise ChecksumMismatch unless `data` has the announced length and SHA-256."""
+    where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": block_index}
+    if expected_length is not None and len(data) != expected_length:
+        raise ChecksumMismatch(
+            f"got {len(data)} bytes, the service announced {expected_length}",
+            code="LengthMismatch",
+            retryable=True,
+            **where,
+        )
+    algorithm = algorithm or "SHA256"
+    if algorithm != "SHA256" or not checksum:
+        # Without a checksum nothing can be verified; refuse rather than pass bytes on.
+        raise ChecksumMismatch(
+            f"no SHA256 checksum in the response (algorithm {algorithm!r})",
+            code="ChecksumMissing",
+            retryable=True,
+            **where,
+        )
+    actual = b64_sha256(data)
+    if actual != checksum:
+        raise ChecksumMismatch(
+            f"SHA-256 {actual} does not match the service's {checksum}",
+            code="ChecksumMismatch",
+            retryable=True,
+            **where,
+        )
+
+
 T = TypeVar("T")
 
 
@@ -349,32 +386,9 @@ class EbsClient:
                 body.close()
         except Exception as exc:
             raise translate(exc, **where) from None
-        expected_length = r.get("DataLength")
-        if expected_length is not None and len(data) != expected_length:
-            raise ChecksumMismatch(
-                f"got {len(data)} bytes, the service announced {expected_length}",
-                code="LengthMismatch",
-                retryable=True,
-                **where,
-            )
-        algorithm = r.get("ChecksumAlgorithm", "SHA256")
-        checksum = r.get("Checksum")
-        if algorithm != "SHA256" or not checksum:
-            # Without a checksum nothing can be verified; refuse rather than pass bytes on.
-            raise ChecksumMismatch(
-                f"no SHA256 checksum in the response (algorithm {algorithm!r})",
-                code="ChecksumMissing",
-                retryable=True,
-                **where,
-            )
-        actual = b64_sha256(data)
-        if actual != checksum:
-            raise ChecksumMismatch(
-                f"SHA-256 {actual} does not match the service's {checksum}",
-                code="ChecksumMismatch",
-                retryable=True,
-                **where,
-            )
+        verify_block(
+            data, r.get("DataLength"), r.get("ChecksumAlgorithm"), r.get("Checksum"), **where
+        )
         return data
 
     # -- writing ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import http.client
 import json
 import select
@@ -50,7 +49,7 @@ import botocore.httpsession
 import botocore.session
 
 from . import __version__
-from .client import ClientSettings, translate
+from .client import ClientSettings, translate, verify_block
 from .errors import ChecksumMismatch, EbsError
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
 
@@ -435,31 +434,15 @@ class FastBlockGetter:
                     retryable=True,
                     **where,
                 ) from None
-            if len(data) != expected_length:
-                raise ChecksumMismatch(
-                    f"got {len(data)} bytes, the service announced {expected_length}",
-                    code="LengthMismatch",
-                    retryable=True,
-                    **where,
-                )
-        algorithm = headers.get("x-amz-checksum-algorithm") or "SHA256"
-        checksum = headers.get("x-amz-checksum")
-        if algorithm != "SHA256" or not checksum:
-            # Without a checksum nothing can be verified; refuse rather than pass bytes on.
-            raise ChecksumMismatch(
-                f"no SHA256 checksum in the response (algorithm {algorithm!r})",
-                code="ChecksumMissing",
-                retryable=True,
-                **where,
-            )
-        actual = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-        if actual != checksum:
-            raise ChecksumMismatch(
-                f"SHA-256 {actual} does not match the service's {checksum}",
-                code="ChecksumMismatch",
-                retryable=True,
-                **where,
-            )
+        else:
+            expected_length = None
+        verify_block(
+            data,
+            expected_length,
+            headers.get("x-amz-checksum-algorithm"),
+            headers.get("x-amz-checksum"),
+            **where,
+        )
         return data
 
     @staticmethod

@@ -1,7 +1,7 @@
 """The lean GetSnapshotBlock path (`FastBlockGetter`) against the emulator and tiny fake servers.
 
 Against the emulator: byte-exact blocks, block tokens with `+` and `/`, and every error mapped
-exactly as `EbsClient.get_block` (boto3) maps it. Against a few-line socket server that records
+as boto3 maps it (`EbsClient.get_block_boto3`). Against a few-line socket server that records
 what arrives: the SigV4 signature on the wire equals botocore's own for the same request, the
 session token is sent and signed, refreshed credentials are used, keep-alive connections are
 reused (and dropped ones replaced), responses are framed right (chunked too), verification
@@ -254,12 +254,12 @@ def test_errors_map_exactly_as_boto3s(
     for label, snapshot_id, index, token, expected in cases:
         got = outcome(lambda: fast.get_block(snapshot_id, index, token))  # noqa: B023
         assert got == expected, label
-        assert got == outcome(lambda: slow.get_block(snapshot_id, index, token)), label  # noqa: B023
+        assert got == outcome(lambda: slow.get_block_boto3(snapshot_id, index, token)), label  # noqa: B023
 
     emu.set_faults(fail_rate=1.0)
     got = outcome(lambda: fast.get_block(sid, 0, tokens[0]))
     assert got == ("InternalServerException", None, True, False, False)
-    assert got == outcome(lambda: slow.get_block(sid, 0, tokens[0]))
+    assert got == outcome(lambda: slow.get_block_boto3(sid, 0, tokens[0]))
     emu.set_faults(fail_rate=0.0)
 
     # A body cut in half is a retryable error, never bytes, named as boto3 names it.
