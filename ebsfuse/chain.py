@@ -149,6 +149,15 @@ def _last_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[-1].strip() if lines else f"exit status {done.returncode}"
 
 
+def _mount_reason(done: subprocess.CompletedProcess[str], target: str) -> str:
+    """mount(8)'s first line without its `mount: TARGET:` prefix (the rest is a dmesg hint)."""
+    lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
+    if not lines:
+        return f"exit status {done.returncode}"
+    reason = lines[0].removeprefix("mount: ").removeprefix(f"{target}: ").rstrip(".")
+    return reason + " (see dmesg)" if "dmesg" in " ".join(lines[1:]) else reason
+
+
 def mount_source(path: str) -> str | None:
     """The source of the topmost mount at `path` (e.g. /dev/loop3), from /proc/self/mountinfo."""
     found = None
@@ -361,7 +370,7 @@ class Chain:
             done = _run(["mount", "-t", kind, "-o", options, self.device, self.target])
             if done.returncode == 0:
                 return
-            reason = _last_line(done)
+            reason = _mount_reason(done, self.target)
         raise EbsfuseError(f"cannot mount {self.selected.label()} read-only ({options}): {reason}")
 
     def stats(self) -> dict[str, Any]:
