@@ -130,13 +130,27 @@ class BlockMap:
             if stale is not None:
                 self.refreshes += 1
             rng = await self._list_from(index)
+            if not rng.start <= index < rng.end:
+                # Never serve an uncovered block as a hole: that would be wrong bytes.
+                raise EbsError(
+                    "the listing did not cover this block",
+                    snapshot_id=self.snapshot_id,
+                    block_index=index,
+                    code="ListingGap",
+                    retryable=True,
+                )
             self._insert(rng)
             return rng.token_for(index)
 
-    def invalidate(self, index: int) -> None:
-        """Forget the range holding `index` (its token was refused); the next lookup re-lists."""
+    def invalidate(self, index: int, token: str | None = None) -> None:
+        """Forget the range holding `index` (its token was refused); the next lookup re-lists.
+
+        With `token`, only if the range still holds that token: after a mass expiry (a host
+        that slept past the tokens' lifetime) the first refusal re-lists, and the other
+        readers' refusals keep the fresh range instead of each re-listing again.
+        """
         rng = self._find(index)
-        if rng is not None:
+        if rng is not None and (token is None or rng.token_for(index) == token):
             self._remove(rng)
 
     # -- listing ----------------------------------------------------------------------------
@@ -147,7 +161,9 @@ class BlockMap:
         while True:
             self.list_calls += 1
             page = await self._lister(None if next_token else index, next_token)
-            if page.blocks or not page.next_token:
+            # A page helps once it reaches the needed block; one ending below it (a service
+            # that paginates from elsewhere) says nothing about it, so keep following.
+            if not page.next_token or (page.blocks and page.blocks[-1][0] >= index):
                 break
             empty_pages += 1
             if empty_pages >= MAX_EMPTY_PAGES:

@@ -36,6 +36,7 @@ _GENERIC_MOUNT_OPTIONS = {
     "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
     "atime", "noatime", "relatime", "norelatime", "strictatime", "diratime", "nodiratime",
     "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    "auto_unmount", "default_permissions",  # ebsfuse always mounts with these
 }  # fmt: skip
 
 
@@ -173,7 +174,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     opts = MountOptions(
         snapshot_ids=list(args.snapshots),
-        mountpoint=os.path.abspath(args.mountpoint),
+        mountpoint=os.path.realpath(args.mountpoint),  # the kernel records the resolved path
         region=args.region,
         profile=args.profile,
         endpoint_url=args.endpoint_url,
@@ -275,6 +276,8 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
             out_flags.append("--foreground")
         elif arg in ("-n", "-s", "-v"):
             continue  # mount(8)'s no-mtab, sloppy and verbose flags
+        elif arg in ("-t", "-N"):
+            next(it, None)  # a type or a namespace that mount(8) hands a mount.<type> helper
         else:
             positional.append(arg)
     if len(positional) != 2:
@@ -288,7 +291,7 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
         key_flag = key.replace("_", "-")
         if key in _GENERIC_MOUNT_OPTIONS or key.startswith("x-") or key == "fsname":
             continue
-        if key_flag in ("allow-other", "foreground"):
+        if key_flag in ("allow-other", "foreground", "no-kernel-tuning"):
             out_flags.append(f"--{key_flag}")
         elif key_flag in (
             "region", "profile", "endpoint-url", "cache-size", "max-concurrency",

@@ -141,7 +141,12 @@ def translate(
         return EbsError(
             message, code=code, reason=reason, retryable=retryable, throttled=throttled, **where
         )
-    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.NoRegionError):
+    if isinstance(
+        exc,
+        botocore.exceptions.NoCredentialsError
+        | botocore.exceptions.NoRegionError
+        | botocore.exceptions.ProfileNotFound,
+    ):
         return EbsError(str(exc), code=type(exc).__name__, **where)
     if isinstance(exc, botocore.exceptions.ParamValidationError):
         return EbsError(str(exc), code="ParamValidationError", **where)
@@ -261,7 +266,10 @@ class EbsClient:
     def __init__(self, settings: ClientSettings | None = None) -> None:
         self.settings = settings or ClientSettings()
         self.audit = AuditLog(self.settings.audit_log) if self.settings.audit_log else None
-        session = boto3.session.Session(profile_name=self.settings.profile)
+        try:
+            session = boto3.session.Session(profile_name=self.settings.profile)
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. ProfileNotFound
+            raise translate(exc) from None
         region = self.settings.region or session.region_name
         if region is None and self._endpoint_given():
             # A local endpoint (the emulator) needs some region to sign with.

@@ -113,6 +113,12 @@ def check_options(opts: MountOptions) -> None:
         raise UsageError("--max-concurrency must be at least 1")
     check_mountpoint(opts.mountpoint)
     check_fuse_device()
+    if opts.log_file:
+        try:
+            with open(opts.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot write the log file {opts.log_file}: {exc.strerror}") from None
 
 
 def check_mountpoint(path: str) -> None:
@@ -350,9 +356,16 @@ def run_daemon(opts: MountOptions) -> int:
     from . import kernel
     from .client import ClientSettings, EbsClient
 
-    setup_daemon_logging(opts)
-    use_one_malloc_arena()
     readiness = Readiness(opts.ready_fd)
+    try:
+        setup_daemon_logging(opts)
+    except OSError as exc:
+        reason = f"cannot write the log file {opts.log_file}: {exc.strerror}"
+        readiness.failed(reason)
+        if opts.ready_fd is None:
+            print(f"ebsfuse: {reason}", file=sys.stderr)
+        return 1
+    use_one_malloc_arena()
     try:
         client = EbsClient(
             ClientSettings(
@@ -369,7 +382,11 @@ def run_daemon(opts: MountOptions) -> int:
             pyfuse3.init(fs, opts.mountpoint, fuse_options(opts))
         except RuntimeError as exc:
             raise EbsfuseError(f"cannot mount at {opts.mountpoint}: {exc}") from None
-    except EbsfuseError as error:
+    except Exception as error:
+        if not isinstance(error, EbsfuseError):
+            # A bug, not bad input: keep the traceback in the log, give the caller one line.
+            log.exception("the mount failed")
+            error = EbsfuseError(f"the mount failed: {type(error).__name__}: {error}")
         log.error("%s", error)
         readiness.failed(str(error))
         if opts.ready_fd is None:
@@ -377,7 +394,10 @@ def run_daemon(opts: MountOptions) -> int:
         return 1
     log.info("mounted %s at %s", ", ".join(opts.snapshot_ids), opts.mountpoint)
     if opts.kernel_tuning:
-        kernel.tune(opts.mountpoint)
+        try:
+            kernel.tune(opts.mountpoint)
+        except Exception:
+            log.warning("kernel tuning failed; the mount works with the defaults", exc_info=True)
     try:
         trio.run(_serve, readiness, ctx)
     except BaseException:
@@ -414,7 +434,7 @@ async def _watch_signals(scope: object) -> None:
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> None:
     """`ebsfuse unmount`: detach the mount; the daemon sees it and exits."""
-    path = os.path.abspath(mountpoint)
+    path = os.path.realpath(mountpoint)  # mountinfo holds the resolved path
     if not os.path.ismount(path):
         raise UsageError(f"{mountpoint} is not mounted")
     if not _is_ebsfuse_mount(path):

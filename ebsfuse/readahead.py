@@ -57,6 +57,7 @@ class ReadaheadWindow:
             self.streak = 0
             self.window = 0
             self.issued_until = -1
+            self.last_block = -1
             self.next_offset = end
             return range(0)
         current = (max(end, 1) - 1) // BLOCK_SIZE

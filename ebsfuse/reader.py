@@ -13,8 +13,12 @@ request and its SHA-256 check run in worker threads):
    so a cancelled or failed leader never strands its waiters.
 4. Prefetches are ordinary flights started in the context's background nursery. A reader that
    needs a block being prefetched joins that flight, so the block is fetched once; a failed
-   prefetch only logs, and the reader's own attempt retries. Blocks a reader waits for are held
-   by its flight, not by the cache, so prefetching can never evict them.
+   prefetch passes its error (after the full retry budget) to readers that joined it, and the
+   next read tries afresh. Blocks a reader waits for are held by its flight, not by the cache,
+   so prefetching can never evict them.
+5. A leader can be cancelled (a sibling block of a multi-block read failed, or shutdown). Its
+   waiters then look again rather than raise a Cancelled that is not theirs: it would escape
+   the FUSE handler and end the mount.
 
 A refused token (INVALID_BLOCK_TOKEN) drops the range from the block map and is retried once
 with a fresh token; checksum mismatches, throttling, 5xx and network errors are retried with the
@@ -31,6 +35,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import cachetools
 import trio
 
+from . import BLOCK_SIZE
 from .blockmap import BlockMap
 from .client import EbsClient, RetryPolicy
 from .errors import EbsError
@@ -131,18 +136,24 @@ class SnapshotReader:
     async def read_block(self, index: int) -> bytes | None:
         key = (self.snapshot_id, index)
         ctx = self.ctx
-        data = ctx.cache.take(key)
-        if data is not None:
-            self.stats.cache_hits += 1
-            return data
-        flight = ctx.inflight.get(key)
-        if flight is not None:
+        while True:
+            data = ctx.cache.take(key)
+            if data is not None:
+                self.stats.cache_hits += 1
+                return data
+            flight = ctx.inflight.get(key)
+            if flight is None:
+                return await self._lead(key, prefetch=False)
             self.stats.shared_flights += 1
             await flight.event.wait()
-            if flight.error is not None:
+            if flight.error is None:
+                if ctx.cache.unread_prefetches.pop(key, None) is not None:
+                    self.stats.prefetch_used += 1
+                return flight.data
+            if not isinstance(flight.error, trio.Cancelled):
                 raise flight.error
-            return flight.data
-        return await self._lead(key, prefetch=False)
+            # The leader was cancelled (a sibling block of its read failed, or shutdown), not
+            # this reader: its Cancelled must not surface here. Look again.
 
     def prefetch(self, index: int) -> None:
         """Start fetching `index` in the background unless it is cached or under way."""
@@ -157,8 +168,10 @@ class SnapshotReader:
     async def _prefetch(self, key: Key) -> None:
         try:
             await self._lead(key, prefetch=True)
-        except EbsError as error:
-            log.debug("prefetch failed (a reader will retry): %s", error)
+        except Exception as error:
+            # Never let a background fetch end the mount; a reader that joined this flight
+            # gets the error (after the full retry budget), and the next read tries afresh.
+            log.debug("prefetch failed: %s", error)
 
     async def _lead(self, key: Key, *, prefetch: bool) -> bytes | None:
         ctx = self.ctx
@@ -180,11 +193,10 @@ class SnapshotReader:
             del ctx.inflight[key]
             flight.event.set()
 
-    def _timed_get(self, index: int, token: str) -> bytes:
+    def _timed_get(self, index: int, token: str) -> tuple[bytes, float]:
         started = time.monotonic()
         data = self.ctx.client.get_block(self.snapshot_id, index, token)
-        self.stats.latency.add(time.monotonic() - started)
-        return data
+        return data, time.monotonic() - started
 
     async def _load(self, index: int) -> bytes | None:
         ctx = self.ctx
@@ -199,10 +211,20 @@ class SnapshotReader:
         while True:
             try:
                 stats.get_requests += 1
-                data = await trio.to_thread.run_sync(
+                data, seconds = await trio.to_thread.run_sync(
                     self._timed_get, index, token, limiter=ctx.limiter
                 )
+                stats.latency.add(seconds)  # here, on the trio thread: no lost updates
                 stats.bytes_fetched += len(data)
+                if len(data) != BLOCK_SIZE:
+                    # Verified against its own headers, but every EBS block is 512 KiB: a
+                    # shorter one would shift every later byte of the image.
+                    raise EbsError(
+                        f"block of {len(data)} bytes, not {BLOCK_SIZE}",
+                        snapshot_id=self.snapshot_id,
+                        block_index=index,
+                        code="UnexpectedBlockLength",
+                    )
                 return data
             except EbsError as error:
                 if error.token_refused and not token_retried:
@@ -210,7 +232,7 @@ class SnapshotReader:
                     stats.token_refusals += 1
                     token_retried = True
                     log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
-                    self.blockmap.invalidate(index)
+                    self.blockmap.invalidate(index, token)
                     token = await self.blockmap.lookup(index)
                     if token is None:
                         return None

@@ -210,3 +210,36 @@ def test_seeded_first_page_costs_no_listing() -> None:
 
     run(main)
     assert len(listing.calls) == 1  # only the seed's own
+
+
+def test_pages_that_end_below_the_needed_block_are_followed_not_read_as_holes() -> None:
+    # A service that paginates from block 0 whatever StartingBlockIndex says: the first page
+    # (blocks 0..9999) says nothing about block 15000, which is written.
+    written = [*range(10000), 15000]
+
+    async def ignores_start(start: int | None, token: str | None) -> BlockPage:
+        first = int(token) if token else 0
+        chosen = [i for i in written if i >= first][:10000]
+        more = chosen[-1] < written[-1]
+        return BlockPage(
+            [(i, f"t{i}") for i in chosen], str(chosen[-1] + 1) if more else None, None, 16, 524288
+        )
+
+    bm = BlockMap("snap-0123456789abcdef0", 32768, ignores_start)
+    assert run(bm.lookup, 15000) == "t15000"
+
+
+def test_a_refused_stale_token_does_not_drop_a_fresh_range() -> None:
+    listing = FakeListing([1, 2])
+    bm = make_map(listing)
+
+    async def main() -> None:
+        stale = await bm.lookup(1)
+        bm.invalidate(1, stale)  # the first refusal drops the range...
+        fresh = await bm.lookup(1)
+        assert len(listing.calls) == 2
+        bm.invalidate(1, "an-older-token")  # ...a later one for an older token does not
+        assert await bm.lookup(1) == fresh
+        assert len(listing.calls) == 2
+
+    run(main)

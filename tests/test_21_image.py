@@ -7,6 +7,7 @@ refusal and refresh, and the retry budget: each proven with the emulator's reque
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import trio
@@ -221,3 +222,48 @@ def test_unknown_snapshot_fails_at_once(emu: Emulator, env: dict[str, str]) -> N
     assert caught.value.code == "ResourceNotFoundException"
     assert caught.value.reason == "SNAPSHOT_NOT_FOUND"
     assert lists(emu) == 1  # not retried
+
+
+def test_a_cancelled_leader_never_hands_cancelled_to_its_waiters(
+    emu: Emulator, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reader A reads blocks 1-2: block 1 is denied while block 2 sits in retry backoff, so the
+    # failure cancels A's fetch of block 2. Reader B, waiting on that same flight, must get
+    # the block, not A's Cancelled (which would escape the FUSE handler and end the mount).
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(4)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    image = open_image(emu, sid, policy=RetryPolicy(base_delay_s=0.5, max_delay_s=0.5))
+    client = image.reader.ctx.client
+    real_get = client.get_block
+    failed_once: set[int] = set()
+
+    def get_block(snapshot_id: str, index: int, token: str) -> bytes:
+        if index == 1:
+            time.sleep(0.05)
+            raise EbsError("denied", code="AccessDeniedException")
+        if index == 2 and index not in failed_once:
+            failed_once.add(index)
+            raise EbsError("blip", code="InternalServerException", retryable=True)
+        return real_get(snapshot_id, index, token)
+
+    monkeypatch.setattr(client, "get_block", get_block)
+    monkeypatch.setattr("random.uniform", lambda a, b: b)  # deterministic backoff
+    outcomes: dict[str, object] = {}
+
+    async def reader_a() -> None:
+        with pytest.raises(EbsError):
+            await image.read(BLOCK_SIZE, 2 * BLOCK_SIZE)
+        outcomes["a"] = "failed"
+
+    async def reader_b() -> None:
+        await trio.sleep(0.02)
+        outcomes["b"] = await image.read(2 * BLOCK_SIZE, 4096)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader_a)
+            nursery.start_soon(reader_b)
+
+    trio.run(main)
+    assert outcomes == {"a": "failed", "b": blocks[2][:4096]}
+    assert image.reader.ctx.inflight == {}

@@ -167,3 +167,41 @@ def test_two_readers_each_get_their_own_window(emu: Emulator, env: dict[str, str
     assert first.collapses == 0 and second.collapses == 0
     assert first.window > MIN_WINDOW_BLOCKS and second.window > MIN_WINDOW_BLOCKS
     assert gets(emu) <= 64
+
+
+def test_a_second_pass_from_the_start_prefetches_again() -> None:
+    w = ReadaheadWindow(num_blocks=1000)
+    for k in range(400):
+        w.observe(k * KERNEL_READ, KERNEL_READ)
+    w.observe(0, KERNEL_READ)  # back to the start: collapse
+    assert list(w.observe(KERNEL_READ, KERNEL_READ)) == [1, 2]
+    grown = [len(w.observe(k * KERNEL_READ, KERNEL_READ)) for k in range(2, 40)]
+    assert sum(grown) > 10 and w.window > MIN_WINDOW_BLOCKS
+
+
+def test_a_failing_prefetch_never_ends_the_context(emu: Emulator, env: dict[str, str]) -> None:
+    data = os.urandom(16 * BLOCK_SIZE)
+    sid = emu.create_snapshot(data, volume_size_gib=1)
+    image = open_image(emu, sid, cache_bytes=64 * 2**20)
+    real_get = image.reader.ctx.client.get_block
+    broken = {3}
+
+    def get_block(snapshot_id: str, index: int, token: str) -> bytes:
+        if index in broken:
+            raise OSError(28, "No space left on device")  # e.g. the audit log's disk is full
+        return real_get(snapshot_id, index, token)
+
+    image.reader.ctx.client.get_block = get_block  # type: ignore[method-assign]
+    window = image.new_window()
+
+    async def main() -> None:
+        async with image.reader.ctx.running():
+            for offset in range(0, 3 * BLOCK_SIZE, KERNEL_READ):  # prefetches block 3
+                await image.read(offset, KERNEL_READ, window)
+            await trio.sleep(0.2)
+            broken.clear()
+            assert (
+                await image.read(3 * BLOCK_SIZE, 10) == data[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 10]
+            )
+
+    trio.run(main)

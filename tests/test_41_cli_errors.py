@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebsfuse import BLOCK_SIZE
+from ebsfuse.cli import translate_mount_helper_argv
 from ebsfuse.emulator import Emulator
 
 from .conftest import (
@@ -21,6 +22,7 @@ from .conftest import (
     needs_fuse,
     needs_root,
     run_ebsfuse,
+    sweep,
 )
 
 
@@ -158,3 +160,45 @@ def test_access_denied(emu: Emulator, env: dict[str, str], mnt: Path, sid: str) 
     assert_one_line_failure(done, sid, "AccessDeniedException", "UNAUTHORIZED_ACCOUNT")
     # Refused at once: a permission problem is not retried.
     assert emu.counters()["requests"]["ListSnapshotBlocks"] == 1
+
+
+@needs_fuse
+def test_unknown_profile(env: dict[str, str], mnt: Path, sid: str) -> None:
+    done = mount_fails(env, mnt, "--profile", "no-such-profile", sid, str(mnt))
+    assert_one_line_failure(done, "no-such-profile")
+
+
+def test_log_file_that_cannot_be_written(env: dict[str, str], mnt: Path, sid: str) -> None:
+    done = mount_fails(env, mnt, "--log-file", "/nonexistent/dir/log", sid, str(mnt))
+    assert_one_line_failure(done, "/nonexistent/dir/log")
+
+
+@needs_fuse
+@needs_root
+def test_mount_and_unmount_through_a_symlinked_mountpoint(
+    env: dict[str, str], workdir: Path, sid: str
+) -> None:
+    real = workdir / "real"
+    real.mkdir()
+    link = workdir / "link"
+    link.symlink_to(real)
+    try:
+        done = run_ebsfuse("mount", sid, str(link), env=env)
+        assert done.returncode == 0, done.stderr
+        assert os.path.ismount(real)
+        assert run_ebsfuse("unmount", str(link), env=env).returncode == 0
+        assert not os.path.ismount(real)
+    finally:
+        sweep(workdir)
+
+
+def test_mount_helper_arguments_translate_to_the_mount_command() -> None:
+    argv = translate_mount_helper_argv(
+        ["snap-0a:snap-0b", "/mnt/x", "-o", "rw,nodev,region=eu-west-1,cache_size=1G,"
+         "allow_other,auto_unmount,x-systemd.automount,no_kernel_tuning", "-t", "fuse.ebsfuse",
+         "-n"]
+    )  # fmt: skip
+    assert argv == [
+        "mount", "--region", "eu-west-1", "--cache-size", "1G", "--allow-other",
+        "--no-kernel-tuning", "--", "snap-0a", "snap-0b", "/mnt/x",
+    ]  # fmt: skip
