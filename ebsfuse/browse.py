@@ -31,11 +31,11 @@ import subprocess
 import time
 from types import FrameType
 
-from .chain import Chain, _wait_ready, loop_backing_file, mount_source, pid_alive, runtime_dir
+from .chain import Chain, loop_backing_file, mount_source, pid_alive, runtime_dir
 from .chain import umount as umount_path
 from .client import validate_snapshot_id
 from .errors import EbsfuseError, UsageError
-from .mount import MountOptions, check_fuse_device, setup_daemon_logging
+from .mount import MountOptions, check_fuse_device, setup_daemon_logging, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def start_browse(snapshot_id: str, target: str, keeper_argv: list[str]) -> str:
     finally:
         os.close(write_fd)
     try:
-        message = _wait_ready(read_fd, keeper, lambda: False)  # type: ignore[arg-type]
+        message = wait_ready(read_fd)
     except (KeyboardInterrupt, EbsfuseError) as error:
         keeper.terminate()  # the keeper tears down whatever it built
         try:

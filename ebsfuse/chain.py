@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -36,13 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import EbsfuseError, UsageError
-from .mount import MountOptions
+from .mount import MountOptions, spawn_daemon
 
 log = logging.getLogger(__name__)
 
-# The daemon describes the snapshot within its retry budget (under a minute); mount.py waits
-# as long for the same reason.
-READY_TIMEOUT_S = 120.0
 # A filesystem may be briefly busy right after the copy (the kernel releasing the last
 # references); after this long `umount` is retried lazily so teardown always finishes.
 UMOUNT_BUSY_RETRY_S = 5.0
@@ -265,26 +261,8 @@ class Chain:
         os.makedirs(self.image_dir, exist_ok=True)
         opts.snapshot_ids = [self.snapshot_id]
         opts.mountpoint = self.image_dir
-        read_fd, write_fd = os.pipe()
-        try:
-            self._proc = subprocess.Popen(
-                opts.daemon_argv(write_fd),
-                pass_fds=(write_fd,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                # Its own session: a Ctrl-C at the terminal reaches us, and we take it down in
-                # order (filesystem, loop, then the daemon), never the daemon first.
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            os.close(write_fd)
+        self._proc, message = spawn_daemon(opts, interrupted)
         self.daemon_pid = self._proc.pid
-        try:
-            message = _wait_ready(read_fd, self._proc, interrupted)
-        finally:
-            os.close(read_fd)
         if message == "ok":
             return
         if message.startswith("error "):
@@ -491,33 +469,6 @@ def _is_our_daemon(pid: int, image_dir: str) -> bool:
     except OSError:
         return False
     return image_dir.encode() in args
-
-
-def _wait_ready(
-    read_fd: int, proc: subprocess.Popen[bytes], interrupted: Callable[[], bool]
-) -> str:
-    """The daemon's one-line readiness message ('ok' or 'error REASON'), or '' if it died."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    chunks: list[bytes] = []
-    while True:
-        if interrupted():
-            raise KeyboardInterrupt
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise EbsfuseError(f"the mount daemon was not ready in {READY_TIMEOUT_S:.0f} s")
-        try:
-            readable, _, _ = select.select([read_fd], [], [], min(remaining, 0.2))
-        except InterruptedError:
-            continue
-        if not readable:
-            continue
-        chunk = os.read(read_fd, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        if chunk.endswith(b"\n"):
-            break
-    return b"".join(chunks).decode("utf-8", "replace").strip()
 
 
 def daemon_options(args: Any) -> MountOptions:

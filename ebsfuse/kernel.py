@@ -1,9 +1,10 @@
 """Kernel settings of a FUSE mount that decide how far ahead the kernel reads (root only).
 
 A FUSE mount starts with 128 KiB of readahead and at most 12 background requests: the kernel
-then asks for a little at a time however fast the daemon could answer. After mounting, root
-may raise both (the bdi's read_ahead_kb; the fusectl connection's max_background and
-congestion_threshold), so the kernel's own requests keep up with the daemon's prefetcher.
+then asks for a little at a time however fast the daemon could answer. Root may raise both
+(the bdi's read_ahead_kb; the fusectl connection's max_background and congestion_threshold),
+so the kernel's own requests keep up with the daemon's prefetcher. It must happen after the
+INIT exchange, which resets the readahead to what libfuse negotiated.
 Failures only log: a mount without tuning is slower, not broken.
 """
 
@@ -15,8 +16,11 @@ import subprocess
 
 log = logging.getLogger(__name__)
 
-# 2 MiB of kernel readahead = 16 requests of 128 KiB in flight from the kernel, enough to keep
-# the daemon's prefetched blocks flowing into the page cache; the prefetcher does the rest.
+# 2 MiB of kernel readahead = 16 requests of 128 KiB the kernel keeps asking for, so the
+# blocks the prefetcher brought in flow on into the page cache without a round trip per read.
+# Measured on 2 cores (2 GiB dd, 50 ms latency, one run each, +-20% noise): 2 MiB and 32
+# requests 238 MB/s at 9.7 s daemon CPU; 512 KiB and 16 211 MB/s at 11.1 s; the kernel's
+# defaults (128 KiB, 12) 170 MB/s at 13.4 s.
 READ_AHEAD_KB = 2048
 # Room for those 16 readahead requests plus other readers' before the kernel throttles them.
 MAX_BACKGROUND = 32

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -166,8 +167,14 @@ def setup_daemon_logging(opts: MountOptions) -> None:
 # -- background start ---------------------------------------------------------------------
 
 
-def start_background(opts: MountOptions) -> None:
-    """Start the daemon and return once its mount is live; raise with its reason otherwise."""
+def spawn_daemon(
+    opts: MountOptions, interrupted: Callable[[], bool] = lambda: False
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the mount daemon in its own session; return it with its readiness message.
+
+    Its own session: a Ctrl-C at the terminal reaches the caller, which takes things down in
+    order rather than the daemon first. The message is 'ok', 'error REASON' or '' (it died).
+    """
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -182,7 +189,7 @@ def start_background(opts: MountOptions) -> None:
     finally:
         os.close(write_fd)
     try:
-        message = _read_ready(read_fd, proc)
+        return proc, wait_ready(read_fd, interrupted)
     except BaseException:
         # Ctrl-C or a timeout while waiting: take the daemon down with its mount.
         proc.terminate()
@@ -190,9 +197,15 @@ def start_background(opts: MountOptions) -> None:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
         raise
     finally:
         os.close(read_fd)
+
+
+def start_background(opts: MountOptions) -> None:
+    """Start the daemon and return once its mount is live; raise with its reason otherwise."""
+    proc, message = spawn_daemon(opts)
     if message == "ok":
         return
     # The daemon failed and is on its way out: let it finish, so nothing outlives the command.
@@ -209,24 +222,31 @@ def start_background(opts: MountOptions) -> None:
     )
 
 
-def _read_ready(read_fd: int, proc: subprocess.Popen[bytes]) -> str:
+def wait_ready(read_fd: int, interrupted: Callable[[], bool] = lambda: False) -> str:
+    """A daemon's one-line readiness message ('ok' or 'error REASON'), or '' if it died.
+
+    Polls `interrupted` a few times a second, so a caller's signal flag ends the wait.
+    """
     deadline = time.monotonic() + READY_TIMEOUT_S
-    chunks = []
-    with os.fdopen(os.dup(read_fd), "rb", buffering=0) as pipe:
-        os.set_blocking(pipe.fileno(), True)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EbsfuseError(f"the mount daemon was not ready in {READY_TIMEOUT_S:.0f} s")
-            readable, _, _ = select.select([pipe], [], [], remaining)
-            if not readable:
-                continue
-            chunk = pipe.read(4096)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if chunk.endswith(b"\n"):
-                break  # one line is the whole message
+    chunks: list[bytes] = []
+    while True:
+        if interrupted():
+            raise KeyboardInterrupt
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise EbsfuseError(f"the mount daemon was not ready in {READY_TIMEOUT_S:.0f} s")
+        try:
+            readable, _, _ = select.select([read_fd], [], [], min(remaining, 0.2))
+        except InterruptedError:
+            continue
+        if not readable:
+            continue
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if chunk.endswith(b"\n"):
+            break  # one line is the whole message
     return b"".join(chunks).decode("utf-8", "replace").strip()
 
 
@@ -353,7 +373,6 @@ def run_daemon(opts: MountOptions) -> int:
     import pyfuse3
     import trio
 
-    from . import kernel
     from .client import ClientSettings, EbsClient
 
     readiness = Readiness(opts.ready_fd)
@@ -393,13 +412,8 @@ def run_daemon(opts: MountOptions) -> int:
             print(f"ebsfuse: {error}", file=sys.stderr)
         return 1
     log.info("mounted %s at %s", ", ".join(opts.snapshot_ids), opts.mountpoint)
-    if opts.kernel_tuning:
-        try:
-            kernel.tune(opts.mountpoint)
-        except Exception:
-            log.warning("kernel tuning failed; the mount works with the defaults", exc_info=True)
     try:
-        trio.run(_serve, readiness, ctx)
+        trio.run(_serve, readiness, ctx, opts.mountpoint if opts.kernel_tuning else None)
     except BaseException:
         log.exception("the filesystem loop failed")
         raise
@@ -409,16 +423,35 @@ def run_daemon(opts: MountOptions) -> int:
     return 0
 
 
-async def _serve(readiness: Readiness, ctx: FetchContext) -> None:
+async def _serve(readiness: Readiness, ctx: FetchContext, tune_mountpoint: str | None) -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery, ctx.running():
         nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        if tune_mountpoint:
+            nursery.start_soon(_tune_kernel, tune_mountpoint)
         readiness.ready()
         await pyfuse3.main()
         # Unmounted from outside (fusermount3 -u / umount): the loop ended on its own.
         nursery.cancel_scope.cancel()
+
+
+async def _tune_kernel(mountpoint: str) -> None:
+    """Kernel settings, once the kernel's INIT exchange is over: INIT resets the readahead.
+
+    A stat of the mount point waits for INIT (the kernel holds requests until then) and is
+    answered by this same loop, hence the worker thread.
+    """
+    import trio
+
+    from . import kernel
+
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        await trio.to_thread.run_sync(kernel.tune, mountpoint)
+    except Exception:
+        log.warning("kernel tuning failed; the mount works with the defaults", exc_info=True)
 
 
 async def _watch_signals(scope: object) -> None:
