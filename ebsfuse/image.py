@@ -141,26 +141,39 @@ class SnapshotImage:
             block = await self.reader.read_block(first)
             start = offset - first * BLOCK_SIZE
             return (block or _ZEROS)[start : start + (end - offset)]
+        # The kernel asks for up to 1 MiB at a time, i.e. two or three blocks: take what the
+        # cache holds without a task each, and fetch only the rest concurrently.
         blocks: dict[int, bytes | None] = {}
+        missing = []
+        for index in range(first, last + 1):
+            cached = self.reader.cached_block(index)
+            if cached is None:
+                missing.append(index)
+            else:
+                blocks[index] = cached
 
         async def fetch(index: int) -> None:
             blocks[index] = await self.reader.read_block(index)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for index in range(first, last + 1):
-                    nursery.start_soon(fetch, index)
-        except BaseExceptionGroup as group:
-            # Report one block's failure, not a group: callers handle EbsError.
-            matched, _ = group.split(EbsError)
-            if matched is None:
-                raise
-            while isinstance(matched, BaseExceptionGroup):
-                matched = matched.exceptions[0]
-            raise matched from None
-        out = bytearray()
+        if len(missing) == 1:
+            await fetch(missing[0])
+        elif missing:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for index in missing:
+                        nursery.start_soon(fetch, index)
+            except BaseExceptionGroup as group:
+                # Report one block's failure, not a group: callers handle EbsError.
+                matched, _ = group.split(EbsError)
+                if matched is None:
+                    raise
+                while isinstance(matched, BaseExceptionGroup):
+                    matched = matched.exceptions[0]
+                raise matched from None
+        # One copy into the reply, from views of the blocks.
+        parts = []
         for index in range(first, last + 1):
             lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
             hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
-            out += memoryview(blocks[index] or _ZEROS)[lo:hi]
-        return bytes(out)
+            parts.append(memoryview(blocks[index] or _ZEROS)[lo:hi])
+        return b"".join(parts)

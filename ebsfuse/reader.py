@@ -133,6 +133,13 @@ class SnapshotReader:
         self.ctx = ctx
         self.stats = ReadStats()
 
+    def cached_block(self, index: int) -> bytes | None:
+        """The block if the cache holds it (counted as a hit), else None; never waits."""
+        data = self.ctx.cache.take((self.snapshot_id, index))
+        if data is not None:
+            self.stats.cache_hits += 1
+        return data
+
     async def read_block(self, index: int) -> bytes | None:
         key = (self.snapshot_id, index)
         ctx = self.ctx
