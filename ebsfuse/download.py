@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
-from .errors import EbsError, EbsfuseError
+from .client import EbsClient, RetryPolicy, validate_snapshot_id
+from .errors import EbsfuseError
 from .listing import BlockLister, ListedBlock, VolumeInfo
 from .progress import Progress
 
@@ -511,31 +511,7 @@ def _run(
             raise _Stopped()
 
     def fetch(entry: ListedBlock) -> bytes:
-        token = entry.token
-        if time.time() >= entry.refresh_at:
-            token = _fresh_token(entry.index)
-        refreshed = False
-        while True:
-            assert token is not None
-            current = token
-            try:
-                return call_with_retries(
-                    lambda t=current: client.get_block(snapshot_id, entry.index, t),
-                    opts.policy,
-                    sleep=stoppable_sleep,
-                )
-            except EbsError as error:
-                if not error.token_refused or refreshed:
-                    raise
-                log.info("%s: token of block %d refused, re-listing", snapshot_id, entry.index)
-                token = _fresh_token(entry.index)
-                refreshed = True
-
-    def _fresh_token(index: int) -> str:
-        fresh = lister.token_for(index)
-        if fresh is None or fresh.token is None:
-            raise EbsError("block is no longer listed", snapshot_id=snapshot_id, block_index=index)
-        return fresh.token
+        return lister.fetch(client, entry, opts.policy, sleep=stoppable_sleep)
 
     def work(entry: ListedBlock) -> None:
         if stop.is_set():

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy, call_with_retries
+from .client import EbsClient, RetryPolicy
 from .errors import EbsError, EbsfuseError
 from .listing import BlockLister, ListedBlock
 from .progress import Progress
@@ -108,30 +108,8 @@ def hash_snapshot(
         if stop.wait(seconds):
             raise EbsError("interrupted", snapshot_id=snapshot_id)
 
-    def fresh_token(index: int) -> str:
-        entry = lister.token_for(index)
-        if entry is None or entry.token is None:
-            raise EbsError("block is no longer listed", snapshot_id=snapshot_id, block_index=index)
-        return entry.token
-
     def fetch(entry: ListedBlock) -> bytes:
-        token = entry.token if time.time() < entry.refresh_at else fresh_token(entry.index)
-        refreshed = False
-        while True:
-            assert token is not None
-            current = token
-            try:
-                return call_with_retries(
-                    lambda t=current: client.get_block(snapshot_id, entry.index, t),
-                    policy,
-                    sleep=stoppable_sleep,
-                )
-            except EbsError as error:
-                if not error.token_refused or refreshed:
-                    raise
-                log.info("%s: token of block %d refused, re-listing", snapshot_id, entry.index)
-                token = fresh_token(entry.index)
-                refreshed = True
+        return lister.fetch(client, entry, policy, sleep=stoppable_sleep)
 
     pending: collections.deque[tuple[int, concurrent.futures.Future[bytes]]] = collections.deque()
 

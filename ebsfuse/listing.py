@@ -195,6 +195,43 @@ class BlockLister:
                 return block
         return None
 
+    def fetch(
+        self,
+        client: EbsClient,
+        entry: ListedBlock,
+        policy: RetryPolicy,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> bytes:
+        """GetSnapshotBlock for a listed block, verified, with the policy's retries.
+
+        A token past its refresh time is re-listed first; one the service refuses is
+        re-listed and tried once more.
+        """
+        token = entry.token if time.time() < entry.refresh_at else self._fresh_token(entry.index)
+        refreshed = False
+        while True:
+            current = token  # bound into the lambda below, per attempt
+            try:
+                return call_with_retries(
+                    lambda t=current: client.get_block(self.snapshot_id, entry.index, t),
+                    policy,
+                    sleep=sleep,
+                )
+            except EbsError as error:
+                if not error.token_refused or refreshed:
+                    raise
+                log.info("%s: token of block %d refused, re-listing", self, entry.index)
+                token = self._fresh_token(entry.index)
+                refreshed = True
+
+    def _fresh_token(self, index: int) -> str:
+        fresh = self.token_for(index)
+        if fresh is None or fresh.token is None:
+            raise EbsError(
+                "block is no longer listed", snapshot_id=self.snapshot_id, block_index=index
+            )
+        return fresh.token
+
     def __str__(self) -> str:
         if self.first_snapshot_id:
             return f"{self.first_snapshot_id}..{self.snapshot_id}"
