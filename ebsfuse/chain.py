@@ -471,22 +471,6 @@ def _is_our_daemon(pid: int, image_dir: str) -> bool:
     return image_dir.encode() in args
 
 
-def daemon_options(args: Any) -> MountOptions:
-    """MountOptions for the private daemon from a workflow command's parsed arguments."""
-    return MountOptions(
-        snapshot_ids=[],
-        mountpoint="",
-        region=args.region,
-        profile=args.profile,
-        endpoint_url=args.endpoint_url,
-        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
-        cache_bytes=args.cache_size,
-        max_concurrency=args.max_concurrency,
-        log_level=args.log_level,
-        log_file=os.path.abspath(args.log_file) if args.log_file else None,
-    )
-
-
 def check_tools(*names: str) -> None:
     for name in names:
         if shutil.which(name) is None:

@@ -20,6 +20,7 @@ from .errors import EbsfuseError, UsageError
 
 if TYPE_CHECKING:
     from .client import ClientSettings
+    from .mount import MountOptions
 
 PROG = "ebsfuse"
 COMMANDS = (
@@ -100,6 +101,51 @@ def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) ->
     )
 
 
+def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of a mount daemon: `mount`, and the private mounts of browse and restore."""
+    p.add_argument(
+        "--cache-size",
+        type=cache_size,
+        default="256M",
+        help="bytes of verified blocks kept in memory (K/M/G suffixes; default 256M)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=64,
+        help="GetSnapshotBlock requests in flight at most (default 64)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="daemon log level (default INFO)",
+    )
+    p.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
+
+
+def mount_options(
+    args: argparse.Namespace, snapshot_ids: list[str], mountpoint: str, **extra: object
+) -> MountOptions:
+    """MountOptions from the options `add_client_arguments` and `add_daemon_arguments` added."""
+    from .mount import MountOptions
+
+    return MountOptions(
+        snapshot_ids=snapshot_ids,
+        mountpoint=mountpoint,
+        region=args.region,
+        profile=args.profile,
+        endpoint_url=args.endpoint_url,
+        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        cache_bytes=args.cache_size,
+        max_concurrency=args.max_concurrency,
+        log_level=args.log_level,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog=PROG,
@@ -113,28 +159,9 @@ def build_parser() -> OneLineParser:
     m.add_argument("snapshots", nargs="+", metavar="SNAPSHOT_ID", help="one or more snapshot ids")
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
     add_client_arguments(m)
-    m.add_argument(
-        "--cache-size",
-        type=cache_size,
-        default="256M",
-        help="bytes of verified blocks kept in memory (K/M/G suffixes; default 256M)",
-    )
-    m.add_argument(
-        "--max-concurrency",
-        type=positive_int,
-        default=64,
-        help="GetSnapshotBlock requests in flight at most (default 64)",
-    )
+    add_daemon_arguments(m)
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    m.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="daemon log level (default INFO)",
-    )
-    m.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
     m.add_argument(
         "--no-kernel-tuning",
         dest="kernel_tuning",
@@ -170,21 +197,14 @@ def build_parser() -> OneLineParser:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import MountOptions, check_options, run_daemon, start_background
+    from .mount import check_options, run_daemon, start_background
 
-    opts = MountOptions(
-        snapshot_ids=list(args.snapshots),
-        mountpoint=os.path.realpath(args.mountpoint),  # the kernel records the resolved path
-        region=args.region,
-        profile=args.profile,
-        endpoint_url=args.endpoint_url,
-        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
-        cache_bytes=args.cache_size,
-        max_concurrency=args.max_concurrency,
+    opts = mount_options(
+        args,
+        list(args.snapshots),
+        os.path.realpath(args.mountpoint),  # the kernel records the resolved path
         foreground=args.foreground,
         allow_other=args.allow_other,
-        log_level=args.log_level,
-        log_file=os.path.abspath(args.log_file) if args.log_file else None,
         ready_fd=args.ready_fd,
         kernel_tuning=args.kernel_tuning,
     )

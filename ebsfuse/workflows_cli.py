@@ -16,7 +16,13 @@ import signal
 import sys
 from types import FrameType
 
-from .cli import add_client_arguments, cache_size, client_settings, positive_int
+from .cli import (
+    add_client_arguments,
+    add_daemon_arguments,
+    client_settings,
+    mount_options,
+    positive_int,
+)
 
 PROG = "ebsfuse"
 
@@ -43,26 +49,7 @@ def _chain_arguments(p: argparse.ArgumentParser) -> None:
         help="partition number (as in <snapshot-id>-partN.img; 0 = the whole disk); "
         "default: the only mountable filesystem",
     )
-    p.add_argument(
-        "--cache-size",
-        type=cache_size,
-        default="256M",
-        help="bytes of verified blocks the private mount keeps in memory (default 256M)",
-    )
-    p.add_argument(
-        "--max-concurrency",
-        type=positive_int,
-        default=64,
-        help="GetSnapshotBlock requests in flight at most (default 64)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level of the private mount daemon (default INFO)",
-    )
-    p.add_argument("--log-file", help="log file of the private mount (default: syslog)")
+    add_daemon_arguments(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,11 +121,10 @@ def _keeper_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_browse(args: argparse.Namespace) -> int:
     from .browse import BrowseInterrupted, run_keeper, start_browse
-    from .chain import daemon_options
 
     if args.keeper_fd is not None:
         return run_keeper(
-            args.snapshot, args.target, args.partition, daemon_options(args), args.keeper_fd
+            args.snapshot, args.target, args.partition, mount_options(args, [], ""), args.keeper_fd
         )
     _setup_logging()
     _sigterm_interrupts()
@@ -152,7 +138,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .chain import daemon_options, human
+    from .chain import human
     from .restore import RestoreInterrupted, restore
 
     _setup_logging()
@@ -163,7 +149,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             args.path,
             args.dest,
             partition=args.partition,
-            mount_options=daemon_options(args),
+            mount_options=mount_options(args, [], ""),
         )
     except RestoreInterrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)
