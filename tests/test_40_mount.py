@@ -116,8 +116,14 @@ def test_two_snapshots_in_one_mount(emu: Emulator, env: dict[str, str], workdir:
     b = {5: os.urandom(BLOCK_SIZE)}
     sid_a = emu.create_snapshot(blocks=a, volume_size_gib=1)
     sid_b = emu.create_snapshot(blocks=b, volume_size_gib=2)
-    with MountedSnapshots(workdir / "mnt", [sid_a, sid_b], env) as mount:
+    with MountedSnapshots(workdir / "mnt", [sid_a, sid_b], env, "--allow-other") as mount:
         assert sorted(os.listdir(mount.mountpoint)) == sorted([f"{sid_a}.img", f"{sid_b}.img"])
+        options = next(
+            line.split()[3]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1] == str(mount.mountpoint)
+        )
+        assert {"ro", "allow_other"} <= set(options.split(","))
         assert os.path.getsize(mount.image(sid_b)) == 2 * GIB
         with open(mount.image(sid_a), "rb") as f:
             assert f.read(BLOCK_SIZE) == a[0]
