@@ -291,6 +291,9 @@ def _plan(snapshot_id: str, dest: str, opts: DownloadOptions) -> _Plan:
     else:
         if os.path.isdir(plan.dest):
             raise EbsfuseError(f"{dest} is a directory; give the path of the image file to write")
+        if os.path.exists(plan.dest) and not os.path.isfile(plan.dest):
+            # --force would otherwise rename a regular file over a character device or FIFO.
+            raise EbsfuseError(f"{dest} is neither a regular file nor a block device")
         parent = os.path.dirname(plan.dest)
         if not os.path.isdir(parent):
             raise EbsfuseError(f"cannot write {dest}: directory {parent} does not exist")
@@ -436,6 +439,11 @@ def _open_output(
                 )
             if plan.state is None:
                 os.makedirs(os.path.dirname(plan.state_path), exist_ok=True)
+                if base_volume is not None and volume > base_volume:
+                    # Past OLD's image the device holds anything; the new image reads zeros
+                    # there except where ListChangedBlocks names a block. Done before the first
+                    # state is saved, so a resume never zeroes blocks already written.
+                    zero_range(fd, base_volume, volume - base_volume, True)
         elif plan.state is not None:
             fd = os.open(plan.work_path, os.O_RDWR)
         elif opts.base_snapshot_id is not None:
@@ -458,7 +466,8 @@ def _open_output(
                 f"the interrupted download at {plan.work_path} was of a {plan.state.volume_size}"
                 f"-byte volume, the snapshot's is {volume}; start over with --force"
             )
-        if not plan.device and os.fstat(fd).st_size < volume:
+        if not plan.device and os.fstat(fd).st_size != volume:
+            # Exactly the volume: grown with zeros, or cut where OLD's volume was larger.
             os.ftruncate(fd, volume)
         if plan.state is None:
             plan.state = _new_state(plan, snapshot_id, opts, volume)

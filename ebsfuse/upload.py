@@ -531,9 +531,9 @@ def _unchanged(
         # an unwritten block restores as random data.
         return zero and not encrypted
     if parent_image is not None:
-        parent = parent_image.read(BLOCK_SIZE) or b""
-        if len(parent) < BLOCK_SIZE:
-            parent += bytes(BLOCK_SIZE - len(parent))  # past the parent image's end: zeros
+        # Whole blocks even from a source that returns short reads (FUSE, pipes, NFS): a short
+        # one must not shift every later parent block. Past its end: zeros.
+        parent = _read_block(parent_image, "")
         if encrypted:
             # Only a non-zero parent block is known to have been written.
             return not zero and parent == data
