@@ -1,12 +1,12 @@
 """Sequential-read detection and the prefetch window of one open file.
 
-The kernel hands a FUSE filesystem 128 KiB reads, a few at a time and slightly out of order
-(its own async readahead). Fetching only what each read asks for would cost one round trip per
-512 KiB block: about 10 MiB/s at 50 ms. So each open file keeps a window of blocks to fetch
-ahead of the reader: it opens at `MIN_WINDOW_BLOCKS` on the second read that continues the
-first, doubles each time the reader moves into a new block (the reader keeps up), stops at
-`max_blocks`, and collapses to nothing on a jump elsewhere, so a random 4 KiB read costs one
-request and no more.
+The kernel hands a FUSE filesystem reads of 128 KiB to 1 MiB (1 MiB here, by strace), a few at
+a time and slightly out of order (its own async readahead). Fetching only what each read asks
+for would cost a round trip every block or two: 10-20 MiB/s at 50 ms. So each open file keeps
+a window of blocks to fetch ahead of the reader: it opens at `MIN_WINDOW_BLOCKS` on the second
+read that continues the first, doubles each time the reader moves into a new block (the reader
+keeps up), stops at `max_blocks`, and collapses to nothing on a jump elsewhere, so a random
+4 KiB read costs one request and no more.
 
 This module is pure logic: `observe` says which block indexes to prefetch; the image starts
 those fetches. It knows nothing of trio or FUSE.
@@ -25,8 +25,8 @@ MIN_WINDOW_BLOCKS = 2
 # flight, the mount's default concurrency, i.e. about the 1000 blocks/s per-snapshot quota.
 MAX_WINDOW_BLOCKS = 64
 # Reads count as sequential when they start within this distance of where the previous one
-# ended, before or after: the kernel issues up to max_background (16 after tuning) 128 KiB
-# readahead requests at once and they may arrive in any order.
+# ended, before or after: with 2 MiB of kernel readahead (kernel.py) a few reads of up to 1 MiB
+# are in flight at once, and they may arrive in any order.
 REORDER_TOLERANCE_BYTES = 4 * 1024 * 1024
 
 
