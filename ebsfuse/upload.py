@@ -290,6 +290,14 @@ def upload_image(
     if volume_gib > MAX_VOLUME_GIB:
         raise EbsfuseError(f"{path} is larger than the largest EBS volume (64 TiB)")
 
+    if opts.manifest_out:
+        # Checked before StartSnapshot: failing after it would leave a pending snapshot behind.
+        folder = os.path.dirname(os.path.abspath(opts.manifest_out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            raise EbsfuseError(
+                f"cannot write manifest {opts.manifest_out}: {folder} is not a writable directory"
+            )
+
     client_token = opts.client_token or str(uuid.uuid4())
     request: dict[str, Any] = {
         "VolumeSize": volume_gib,

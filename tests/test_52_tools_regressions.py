@@ -80,3 +80,15 @@ def test_backwards_incremental_download_cuts_the_file_to_the_smaller_volume(
     assert dest.stat().st_size == GIB
     with open(dest, "rb") as f:
         assert f.read(BLOCK_SIZE) == b"A" * BLOCK_SIZE
+
+
+def test_upload_refuses_an_unwritable_manifest_before_starting_a_snapshot(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    image = workdir / "disk.img"
+    image.write_bytes(os.urandom(BLOCK_SIZE))
+    manifest = workdir / "no-such-dir" / "manifest"
+    done = run_ebsfuse("upload", str(image), "--manifest", str(manifest), env=env)
+    assert done.returncode != 0
+    assert len(done.stderr.strip().splitlines()) == 1 and "manifest" in done.stderr
+    assert emu.counters()["requests"].get("StartSnapshot", 0) == 0  # nothing left pending
