@@ -25,15 +25,14 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import mountinfo
 from .errors import EbsfuseError, UsageError
 from .mount import MountOptions, spawn_daemon
 
@@ -66,8 +65,6 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "iso9660": ("iso9660", "ro"),
     "squashfs": ("squashfs", "ro"),
 }
-# Recognised, but not a filesystem to mount: named in the error so the user knows what it is.
-NOT_MOUNTABLE = ("swap", "LVM2 physical volume", "LUKS encrypted volume")
 
 
 def runtime_dir() -> str:
@@ -155,14 +152,9 @@ def _mount_reason(done: subprocess.CompletedProcess[str], target: str) -> str:
 
 
 def mount_source(path: str) -> str | None:
-    """The source of the topmost mount at `path` (e.g. /dev/loop3), from /proc/self/mountinfo."""
-    found = None
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if fields[4].replace("\\040", " ") == path:
-                found = fields[fields.index("-") + 2]
-    return found
+    """The source of the topmost mount at `path` (e.g. /dev/loop3)."""
+    entry = mountinfo.topmost(path)
+    return entry.source if entry else None
 
 
 def loop_backing_file(device: str) -> str | None:
@@ -469,13 +461,3 @@ def _is_our_daemon(pid: int, image_dir: str) -> bool:
     except OSError:
         return False
     return image_dir.encode() in args
-
-
-def check_tools(*names: str) -> None:
-    for name in names:
-        if shutil.which(name) is None:
-            raise EbsfuseError(f"{name} is not installed (util-linux and fuse3 provide it)")
-
-
-def python_argv() -> list[str]:
-    return [sys.executable, "-m", "ebsfuse"]

@@ -29,7 +29,6 @@ import urllib3.exceptions
 
 from . import BLOCK_SIZE
 from .errors import ChecksumMismatch, EbsError
-from .ids import SNAPSHOT_ID_RE as SNAPSHOT_ID_RE  # re-exported: callers import it here
 from .ids import validate_snapshot_id as validate_snapshot_id
 
 log = logging.getLogger(__name__)
@@ -202,6 +201,26 @@ def verify_block(
         )
 
 
+def _page_args(max_results: int, start_index: int | None, next_token: str | None) -> dict[str, Any]:
+    """Paging parameters of both list calls; NextToken takes precedence, as the API says."""
+    kwargs: dict[str, Any] = {"MaxResults": max_results}
+    if next_token:
+        kwargs["NextToken"] = next_token
+    elif start_index:
+        kwargs["StartingBlockIndex"] = start_index
+    return kwargs
+
+
+def _page(response: dict[str, Any], blocks: list[tuple[int, str]]) -> BlockPage:
+    return BlockPage(
+        blocks=blocks,
+        next_token=response.get("NextToken") or None,
+        expiry=response.get("ExpiryTime"),
+        volume_size_gib=int(response.get("VolumeSize", 0)),
+        block_size=int(response.get("BlockSize", BLOCK_SIZE)),
+    )
+
+
 T = TypeVar("T")
 
 
@@ -320,24 +339,15 @@ class EbsClient:
         next_token: str | None = None,
         max_results: int = 10000,
     ) -> BlockPage:
-        kwargs: dict[str, Any] = {"SnapshotId": snapshot_id, "MaxResults": max_results}
-        if next_token:
-            kwargs["NextToken"] = next_token
-        elif start_index:
-            kwargs["StartingBlockIndex"] = start_index
+        kwargs = _page_args(max_results, start_index, next_token)
         try:
-            r = self._ebs.list_snapshot_blocks(**kwargs)
+            r = self._ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **kwargs)
         except Exception as exc:
             raise translate(exc, snapshot_id=snapshot_id, block_index=start_index) from None
-        return BlockPage(
-            # Sorted and coerced defensively: the API promises ascending integers, but a
-            # stand-in (moto) sends strings in insertion order, and bisect needs order.
-            blocks=sorted((int(b["BlockIndex"]), b["BlockToken"]) for b in r.get("Blocks", [])),
-            next_token=r.get("NextToken") or None,
-            expiry=r.get("ExpiryTime"),
-            volume_size_gib=int(r.get("VolumeSize", 0)),
-            block_size=int(r.get("BlockSize", BLOCK_SIZE)),
-        )
+        # Sorted and coerced defensively: the API promises ascending integers, but a stand-in
+        # (moto) sends strings in insertion order, and bisect needs order.
+        blocks = sorted((int(b["BlockIndex"]), b["BlockToken"]) for b in r.get("Blocks", []))
+        return _page(r, blocks)
 
     def list_changed_blocks(
         self,
@@ -348,15 +358,11 @@ class EbsClient:
         next_token: str | None = None,
         max_results: int = 10000,
     ) -> tuple[BlockPage, list[ChangedBlock]]:
-        kwargs: dict[str, Any] = {"SecondSnapshotId": second_snapshot_id, "MaxResults": max_results}
+        kwargs = _page_args(max_results, start_index, next_token)
         if first_snapshot_id:
             kwargs["FirstSnapshotId"] = first_snapshot_id
-        if next_token:
-            kwargs["NextToken"] = next_token
-        elif start_index:
-            kwargs["StartingBlockIndex"] = start_index
         try:
-            r = self._ebs.list_changed_blocks(**kwargs)
+            r = self._ebs.list_changed_blocks(SecondSnapshotId=second_snapshot_id, **kwargs)
         except Exception as exc:
             raise translate(exc, snapshot_id=second_snapshot_id) from None
         changed = [
@@ -364,13 +370,7 @@ class EbsClient:
             for b in r.get("ChangedBlocks", [])
         ]
         changed.sort(key=lambda c: c.index)
-        page = BlockPage(
-            blocks=[(c.index, c.second_token or "") for c in changed],
-            next_token=r.get("NextToken") or None,
-            expiry=r.get("ExpiryTime"),
-            volume_size_gib=int(r.get("VolumeSize", 0)),
-            block_size=int(r.get("BlockSize", BLOCK_SIZE)),
-        )
+        page = _page(r, [(c.index, c.second_token or "") for c in changed])
         return page, changed
 
     def get_block(self, snapshot_id: str, index: int, token: str) -> bytes:

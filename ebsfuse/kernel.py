@@ -14,6 +14,8 @@ import logging
 import os
 import subprocess
 
+from . import mountinfo
+
 log = logging.getLogger(__name__)
 
 # 2 MiB of kernel readahead: the kernel keeps a few reads (up to 1 MiB each) ahead, so the
@@ -30,19 +32,9 @@ FUSECTL = "/sys/fs/fuse/connections"
 
 
 def mount_device(mountpoint: str) -> tuple[int, int] | None:
-    """(major, minor) of the filesystem mounted at `mountpoint`, from /proc/self/mountinfo.
-
-    Read from mountinfo rather than stat(), which would send the daemon a request it may not
-    be serving yet.
-    """
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].replace("\\040", " ") == mountpoint:
-                major, minor = fields[2].split(":")
-                found = (int(major), int(minor))  # the last one is on top
-    return found
+    """(major, minor) of the filesystem mounted at `mountpoint`."""
+    entry = mountinfo.topmost(mountpoint)
+    return (entry.major, entry.minor) if entry else None
 
 
 def _write(path: str, value: int) -> None:

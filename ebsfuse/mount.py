@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from . import mountinfo
 from .errors import EbsfuseError, UsageError
 from .ids import validate_snapshot_id
 
@@ -488,14 +489,8 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
 
 
 def _is_ebsfuse_mount(path: str) -> bool:
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields = line.split()
-            sep = fields.index("-")
-            target = fields[4].replace("\\040", " ")
-            if target == path and fields[sep + 1] in ("fuse.ebsfuse", "fuse"):
-                return True
-    return False
+    entry = mountinfo.topmost(path)
+    return entry is not None and entry.fstype in ("fuse.ebsfuse", "fuse")
 
 
 def wait_unmounted(path: str, timeout_s: float) -> bool:

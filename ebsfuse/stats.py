@@ -53,7 +53,6 @@ class ReadStats:
     hole_reads: int = 0
     shared_flights: int = 0
     get_requests: int = 0
-    list_requests: int = 0
     bytes_fetched: int = 0
     retries: dict[str, int] = field(default_factory=dict)
     token_refusals: int = 0
@@ -73,10 +72,7 @@ class ReadStats:
             for p in (50, 90, 99)
         }
         return {
-            "requests": {
-                "GetSnapshotBlock": self.get_requests,
-                "ListSnapshotBlocks": self.list_requests,
-            },
+            "requests": {"GetSnapshotBlock": self.get_requests},  # lists: the block map's
             "retries": dict(self.retries),
             "failures": self.failures,
             "bytes_fetched": self.bytes_fetched,

@@ -278,13 +278,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
     out = sys.stdout
     first_range = True
 
+    def open_document() -> None:
+        ids = json.dumps({"first_snapshot_id": args.first, "second_snapshot_id": args.second})
+        out.write(ids[:-1] + ', "changes": [')
+
     def on_range(r: ChangedRange) -> None:
         nonlocal first_range
         if args.json:
             # Streamed: the document is written as the ranges arrive, never held whole.
             if first_range:
-                out.write(f'{{"first_snapshot_id": "{args.first}", ')
-                out.write(f'"second_snapshot_id": "{args.second}", "changes": [')
+                open_document()
             out.write(("" if first_range else ", ") + json.dumps(r.as_dict()))
         else:
             last = r.first_block + r.blocks - 1
@@ -302,8 +305,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     )
     if args.json:
         if first_range:
-            out.write(f'{{"first_snapshot_id": "{args.first}", ')
-            out.write(f'"second_snapshot_id": "{args.second}", "changes": [')
+            open_document()
         doc = summary.as_dict()
         del doc["first_snapshot_id"], doc["second_snapshot_id"]
         out.write("], " + json.dumps(doc)[1:] + "\n")
