@@ -256,3 +256,14 @@ class EmulatorProcess:
         """Kill the process if it still runs and drop its log."""
         self.kill()
         self._log.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[EmulatorProcess]]:
+    """Emulator subprocesses started by a test, all killed afterwards."""
+    started: list[EmulatorProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.close()

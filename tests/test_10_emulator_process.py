@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,7 @@ from tests.emulator_fixtures import (
     read,
 )
 
-tmp_dir = fx.tmp_dir  # fixture
-
-
-@pytest.fixture
-def processes() -> Iterator[list[EmulatorProcess]]:
-    """Emulator subprocesses started by a test, all killed afterwards."""
-    started: list[EmulatorProcess] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.close()
+tmp_dir, processes = fx.tmp_dir, fx.processes  # fixtures
 
 
 def test_stdout_is_exactly_the_endpoint_line(processes: list[EmulatorProcess]) -> None:

@@ -348,6 +348,10 @@ class Api:
             )
         return found, page
 
+    def _reported_size(self, gib: int) -> int:
+        """The VolumeSize a listing reports: the true one unless a fault overrides it."""
+        return int(self.faults.report_volume_size) or gib
+
     def list_snapshot_blocks(
         self, params: Mapping[str, str], query: Mapping[str, str], headers: Any, body: bytes
     ) -> Response:
@@ -366,7 +370,7 @@ class Api:
                 {"BlockIndex": i, "BlockToken": t} for i, t in zip(indexes, tokens, strict=True)
             ],
             "ExpiryTime": page["ExpiryTime"],
-            "VolumeSize": snap.volume_size,
+            "VolumeSize": self._reported_size(snap.volume_size),
             "BlockSize": BLOCK_SIZE,
         }
         if "NextToken" in page:
@@ -420,7 +424,7 @@ class Api:
         doc: dict[str, Any] = {
             "ChangedBlocks": changed,
             "ExpiryTime": expiry,
-            "VolumeSize": second.volume_size,
+            "VolumeSize": self._reported_size(second.volume_size),
             "BlockSize": BLOCK_SIZE,
         }
         if "NextToken" in page:

@@ -12,11 +12,17 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .faults import DEFAULT_PAGE_TOKEN_TTL, DEFAULT_THROTTLE_RPS, DEFAULT_TOKEN_TTL
+from .faults import (
+    BODY_FAULTS,
+    DEFAULT_PAGE_TOKEN_TTL,
+    DEFAULT_THROTTLE_RPS,
+    DEFAULT_TOKEN_TTL,
+    LIST_FAULTS,
+)
 from .synthetic import SpecError, parse_spec
 
 log = logging.getLogger("ebsfuse.emulator")
@@ -60,6 +66,22 @@ def _spec(text: str) -> str:
     return text
 
 
+def _kind_and_rate(kinds: tuple[str, ...]) -> Callable[[str], tuple[str, float]]:
+    """A parser of KIND[:RATE] for one of `kinds`, RATE a fraction (default 1)."""
+
+    def parse(text: str) -> tuple[str, float]:
+        kind, _, rate = text.partition(":")
+        if kind not in kinds:
+            raise argparse.ArgumentTypeError(f"{kind!r} is not one of {', '.join(kinds)}")
+        return kind, _fraction(rate) if rate else 1.0
+
+    return parse
+
+
+def _kind_settings(name: str, value: tuple[str, float] | None) -> dict[str, Any]:
+    return {} if value is None else {name: value[0], f"{name}_rate": value[1]}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the emulator's options to `parser` (shared by both entry points)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
@@ -90,6 +112,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=0.0,
         help="fraction of GetSnapshotBlock bodies cut off halfway",
+    )
+    parser.add_argument(
+        "--corrupt-rate",
+        type=_fraction,
+        default=0.0,
+        help="fraction of GetSnapshotBlock bodies with one byte flipped (checksum mismatch)",
+    )
+    parser.add_argument(
+        "--list-fault",
+        type=_kind_and_rate(LIST_FAULTS),
+        metavar="KIND[:RATE]",
+        help="answer listing pages 200 but broken: "
+        + ", ".join(LIST_FAULTS)
+        + " (a fraction RATE of them, default all)",
+    )
+    parser.add_argument(
+        "--body-fault",
+        type=_kind_and_rate(BODY_FAULTS),
+        metavar="KIND[:RATE]",
+        help="send block bodies that "
+        + ", ".join(BODY_FAULTS)
+        + " (a fraction RATE of them, default all)",
+    )
+    parser.add_argument(
+        "--bare-429-rate",
+        type=_fraction,
+        default=0.0,
+        help="fraction of requests answered 429 with an HTML page and no AWS error type",
+    )
+    parser.add_argument(
+        "--report-volume-size",
+        type=_nonnegative,
+        default=0.0,
+        metavar="GIB",
+        help="VolumeSize every listing reports instead of the true one (0: the true one)",
+    )
+    parser.add_argument(
+        "--max-faults",
+        type=_nonnegative,
+        default=0.0,
+        metavar="N",
+        help="inject no more than N faults in all (0: no limit)",
     )
     parser.add_argument(
         "--empty-pages", action="store_true", help="interleave empty pages in list results"
@@ -143,6 +207,12 @@ def run(args: argparse.Namespace) -> int:
             empty_pages=args.empty_pages,
             token_ttl=args.token_ttl,
             page_token_ttl=args.page_token_ttl,
+            corrupt_rate=args.corrupt_rate,
+            bare_429_rate=args.bare_429_rate,
+            report_volume_size=args.report_volume_size,
+            max_faults=args.max_faults,
+            **_kind_settings("list_fault", args.list_fault),
+            **_kind_settings("body_fault", args.body_fault),
         )
         for spec in args.synthetic:
             sid = emu.create_synthetic(spec)

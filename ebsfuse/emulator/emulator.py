@@ -60,6 +60,7 @@ class Emulator:
         token_ttl: float = DEFAULT_TOKEN_TTL,
         page_token_ttl: float = DEFAULT_PAGE_TOKEN_TTL,
         max_pending: int = MAX_PENDING,
+        **more_faults: Any,
     ) -> None:
         self.host = host
         self.port = port
@@ -73,6 +74,7 @@ class Emulator:
             empty_pages=empty_pages,
             token_ttl=token_ttl,
             page_token_ttl=page_token_ttl,
+            **more_faults,
         )
         self.clock = Clock()
         self.data_dir = DataDir(data_dir) if data_dir is not None else None
@@ -202,8 +204,9 @@ class Emulator:
     # Knobs and counters ---------------------------------------------------------------------
 
     def set_faults(self, **settings: Any) -> None:
-        """Change fault settings at once (latency_ms, jitter_ms, throttle_rps, fail_rate,
-        truncate_rate, empty_pages, token_ttl, page_token_ttl); ValueError on bad ones."""
+        """Change fault settings at once (any field of `Faults`: latency_ms, fail_rate,
+        list_fault and list_fault_rate, body_fault and body_fault_rate, corrupt_rate,
+        bare_429_rate, report_volume_size, max_faults, ...); ValueError on bad ones."""
         self.faults.update(**settings)
 
     def counters(self) -> dict[str, Any]:

@@ -3,6 +3,19 @@
 `Faults` is the live configuration (every field may change while requests are in flight; each
 request reads the fields it needs once). `Throttle` is a token bucket per snapshot for
 GetSnapshotBlock and PutSnapshotBlock, like the service's per-snapshot quota.
+
+Besides the service's own errors, the faults include what networks, proxies and overloaded
+services do to answers (`server.py` carries them out):
+- listing pages (ListSnapshotBlocks, ListChangedBlocks) answered 200 but `cut` halfway, `empty`
+  (`{}`), `html` (a captive portal's page) or `malformed` (an entry without a token and an
+  index past the volume), at `list_fault_rate`;
+- block bodies that `trickle` (a byte a second), `stall` (half, then silence) or announce an
+  `oversize` Content-Length (64 MiB), at `body_fault_rate`; bodies with one byte flipped (a
+  checksum mismatch) at `corrupt_rate`;
+- a bare 429 with an HTML page and no AWS error type (a proxy's), at `bare_429_rate`;
+- a VolumeSize reported in every listing instead of the true one (`report_volume_size`).
+`max_faults` stops all injection after that many faults (0: no limit), so "fail once" is
+`max_faults=1` with a rate of 1; setting it starts the count again.
 """
 
 from __future__ import annotations
@@ -16,6 +29,17 @@ from typing import Any
 DEFAULT_TOKEN_TTL = 7 * 86400  # block tokens: the FAQ's 7 days
 DEFAULT_PAGE_TOKEN_TTL = 3600  # page tokens: 60 minutes
 DEFAULT_THROTTLE_RPS = 1000  # the real per-snapshot quota for Get/PutSnapshotBlock
+LIST_FAULTS = ("cut", "empty", "html", "malformed")
+BODY_FAULTS = ("trickle", "stall", "oversize")
+_CHOICES = {"list_fault": LIST_FAULTS, "body_fault": BODY_FAULTS}
+_RATES = (
+    "fail_rate",
+    "truncate_rate",
+    "corrupt_rate",
+    "list_fault_rate",
+    "body_fault_rate",
+    "bare_429_rate",
+)
 
 
 @dataclass
@@ -27,12 +51,36 @@ class Faults:
     throttle_rps: float = DEFAULT_THROTTLE_RPS
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
+    corrupt_rate: float = 0.0
+    list_fault: str = "cut"
+    list_fault_rate: float = 0.0
+    body_fault: str = "stall"
+    body_fault_rate: float = 0.0
+    bare_429_rate: float = 0.0
+    report_volume_size: float = 0.0
+    max_faults: float = 0.0
     empty_pages: bool = False
     token_ttl: float = DEFAULT_TOKEN_TTL
     page_token_ttl: float = DEFAULT_PAGE_TOKEN_TTL
     # Access key ids answered AccessDeniedException, comma-separated: a caller whose IAM
     # policy lacks the ebs: actions, for testing how clients report it.
     denied_access_keys: str = ""
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spent = 0  # faults injected since max_faults was last set
+
+    def take(self, rate: float, rng: random.Random) -> bool:
+        """Decide one injection at `rate`, within what `max_faults` still allows."""
+        if rate <= 0:
+            return False
+        with self._lock:
+            if rng.random() >= rate:
+                return False
+            if self.max_faults and self._spent >= self.max_faults:
+                return False
+            self._spent += 1
+            return True
 
     def update(self, **changes: Any) -> None:
         """Validate and apply changes; raises ValueError (nothing applied) on a bad one."""
@@ -46,6 +94,11 @@ class Faults:
                     raise ValueError("denied_access_keys must be a comma-separated string")
                 checked[name] = value
                 continue
+            if name in _CHOICES:
+                if value not in _CHOICES[name]:
+                    raise ValueError(f"{name} must be one of {', '.join(_CHOICES[name])}")
+                checked[name] = value
+                continue
             if name == "empty_pages":
                 if not isinstance(value, bool):
                     raise ValueError("empty_pages must be true or false")
@@ -56,13 +109,16 @@ class Faults:
             value = float(value)
             if value != value or value < 0:  # NaN or negative
                 raise ValueError(f"{name} must be a number >= 0")
-            if name in ("fail_rate", "truncate_rate") and value > 1:
+            if name in _RATES and value > 1:
                 raise ValueError(f"{name} must be between 0 and 1")
             if name in ("token_ttl", "page_token_ttl") and value < 1:
                 raise ValueError(f"{name} must be at least 1 second")
             checked[name] = value
-        for name, value in checked.items():
-            setattr(self, name, value)
+        with self._lock:
+            for name, value in checked.items():
+                setattr(self, name, value)
+            if "max_faults" in checked:
+                self._spent = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values."""

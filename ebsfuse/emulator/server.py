@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -42,6 +43,19 @@ MAX_BODY = 8 * 1024 * 1024
 # An idle keep-alive connection is closed after this long, so abandoned clients do not pin a
 # thread forever; boto3 reopens transparently.
 IDLE_TIMEOUT = 120.0
+# A trickling body sends one byte this often: never long enough for a per-read socket timeout.
+TRICKLE_INTERVAL_S = 1.0
+# A stalled body waits at most this long for its client to give up (or the server to stop).
+STALL_MAX_S = 600.0
+# What an oversized block answer announces as its Content-Length (and sends, if read).
+OVERSIZE_BYTES = 64 * 1024 * 1024
+LIST_OPERATIONS = ("ListSnapshotBlocks", "ListChangedBlocks")
+# A captive portal's or a proxy's page, answered with status 200 in the service's place.
+PORTAL_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in to the network</title></head>\n"
+    b"<body><h1>Welcome</h1><p>Please sign in to continue.</p></body></html>\n"
+)
+TOO_MANY_REQUESTS_PAGE = b"<html><body><h1>429 Too Many Requests</h1></body></html>\n"
 
 _ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("POST", re.compile(r"^/snapshots$"), "StartSnapshot"),
@@ -172,6 +186,11 @@ class Handler(BaseHTTPRequestHandler):
         app.counters_obj.request(operation)
         rng = app.rng
         faults = app.faults
+        if faults.take(faults.bare_429_rate, rng):
+            # A proxy in front of the service answers: no AWS error type, an HTML page.
+            app.counters_obj.injected("bare429")
+            self._send(Response(429, [("Content-Type", "text/html")], TOO_MANY_REQUESTS_PAGE))
+            return
         try:
             authorization = self.headers.get("Authorization", "")
             if not authorization.startswith("AWS4-HMAC-SHA256"):
@@ -186,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
                     "User is not authorized to perform this action on this snapshot.",
                     "UNAUTHORIZED_ACCOUNT",
                 )
-            if faults.fail_rate > 0 and rng.random() < faults.fail_rate:
+            if faults.take(faults.fail_rate, rng):
                 app.counters_obj.injected("InternalServerException")
                 raise ApiError("InternalServerException", "Injected internal error.")
             resp = app.api.dispatch(operation, params, parse_query(query_text), self.headers, body)
@@ -202,11 +221,23 @@ class Handler(BaseHTTPRequestHandler):
         delay = faults.delay(rng)
         if delay > 0:
             time.sleep(delay)
-        truncate = (
-            resp.block is not None
-            and faults.truncate_rate > 0
-            and rng.random() < faults.truncate_rate
-        )
+        listing = resp.status == 200 and operation in LIST_OPERATIONS
+        if listing and faults.take(faults.list_fault_rate, rng):
+            kind = faults.list_fault
+            app.counters_obj.injected(f"list-{kind}")
+            self._send(hostile_listing(resp, kind), truncate=kind == "cut")
+            return
+        if resp.block is not None:
+            if faults.take(faults.body_fault_rate, rng):
+                kind = faults.body_fault
+                app.counters_obj.injected(f"body-{kind}")
+                self._send_hostile_block(resp, kind)
+                return
+            if faults.take(faults.corrupt_rate, rng):
+                app.counters_obj.injected("corrupt")
+                self._send(corrupted(resp))
+                return
+        truncate = resp.block is not None and faults.take(faults.truncate_rate, rng)
         self._send(resp, truncate=truncate)
 
     # Sending --------------------------------------------------------------------------------
@@ -228,6 +259,12 @@ class Handler(BaseHTTPRequestHandler):
             sock.sendall(head)
             return
         if block is None:
+            if truncate:  # a cut page: the head promises more than arrives
+                sock.sendall(head + resp.body[: len(resp.body) // 2])
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
             sock.sendall(head + resp.body)
             return
         sock.sendall(head)
@@ -249,6 +286,78 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def _send_hostile_block(self, resp: Response, kind: str) -> None:
+        """A block answer that trickles, stalls halfway or announces 64 MiB; then hang up."""
+        assert resp.block is not None
+        data = block_bytes(resp.block)
+        announced = OVERSIZE_BYTES if kind == "oversize" else len(data)
+        status = HTTPStatus(resp.status)
+        lines = [f"HTTP/1.1 {status.value} {status.phrase}"]
+        lines += [f"{name}: {value}" for name, value in resp.headers]
+        lines += [f"Content-Length: {announced}", "Connection: close"]
+        sock = self.connection
+        self.close_connection = True
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            if kind == "trickle":
+                for i in range(len(data)):
+                    if self._client_gone(TRICKLE_INTERVAL_S):
+                        return
+                    sock.sendall(data[i : i + 1])
+            elif kind == "stall":
+                sock.sendall(data[: len(data) // 2])
+                self._client_gone(STALL_MAX_S)
+            else:
+                sock.sendall(data)
+                filler = bytes(1024 * 1024)
+                for _ in range((OVERSIZE_BYTES - len(data)) // len(filler)):
+                    sock.sendall(filler)
+        except OSError:
+            pass  # the client hung up, as it should
+
+    def _client_gone(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True once the client closed (or the server cut) the socket."""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(seconds * 1000))
+
+
+def hostile_listing(resp: Response, kind: str) -> Response:
+    """A 200 listing answer as a broken network or a proxy delivers it.
+
+    `cut` is the real page (the caller sends half of it); `empty` is `{}`; `html` a captive
+    portal's page; `malformed` the real page with an entry that has no token and an index
+    past the volume.
+    """
+    if kind == "empty":
+        return Response(200, [("Content-Type", "application/json")], b"{}")
+    if kind == "html":
+        return Response(200, [("Content-Type", "text/html; charset=utf-8")], PORTAL_PAGE)
+    if kind == "malformed":
+        doc = json.loads(resp.body)
+        key = "Blocks" if "Blocks" in doc else "ChangedBlocks"
+        past_end = int(doc.get("VolumeSize", 1)) * 2048 + 7
+        doc[key] = [{"BlockIndex": past_end}, *doc[key]]
+        body = json.dumps(doc).encode()
+        return Response(200, [("Content-Type", "application/json")], body)
+    return resp
+
+
+def corrupted(resp: Response) -> Response:
+    """The block answer with one byte flipped: the checksum header no longer matches."""
+    assert resp.block is not None
+    data = bytearray(block_bytes(resp.block))
+    data[len(data) // 3] ^= 0xFF
+    return Response(resp.status, list(resp.headers), bytes(data))
+
+
+def block_bytes(block: Block) -> bytes:
+    """A stored block's bytes, from memory or from its file."""
+    if block.path is not None:
+        with open(block.path, "rb") as f:
+            return f.read()
+    return (block.data or b"") + block.tail
 
 
 def _block_length(block: Block) -> int:
