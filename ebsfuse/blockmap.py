@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .client import BlockPage
 from .errors import EbsError
+from .pages import BlockPage
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,16 @@ class BlockMap:
         self._insert(self._range_from_page(0, page))
 
     def _range_from_page(self, index: int, page: BlockPage) -> TokenRange:
+        """The index range a page proves, and the tokens in it.
+
+        THE RULE FOR HOLES: a block is a hole (zeros, no request) only inside a range that a
+        checked page proves holds no written block other than those it lists. Only
+        `pages.block_page` makes a `BlockPage`, so every page here arrived whole, parsed, and
+        describes this volume; a cut, empty, foreign or malformed answer raised instead and
+        taught nothing. A page with NextToken proves [index, its last block]; the last page
+        (no NextToken) proves [index, end of the volume); an empty page with NextToken proves
+        nothing. Anything a page does not prove is listed again, never guessed.
+        """
         blocks = [(i, t) for i, t in page.blocks if index <= i < self.num_blocks]
         end = blocks[-1][0] + 1 if page.next_token and blocks else self.num_blocks
         if page.next_token and not blocks:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from . import BLOCK_SIZE, __version__
+from . import BLOCK_SIZE, DEFAULT_TIMEOUT_S, __version__
 from .errors import EbsfuseError, UsageError
 
 if TYPE_CHECKING:
@@ -74,6 +74,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", help="AWS region (default: from the AWS configuration)")
     p.add_argument("--profile", help="AWS profile from the shared configuration files")
@@ -85,6 +95,13 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
         "--audit-log",
         metavar="FILE",
         help="append one JSON line per verified block fetched (evidence of what was read)",
+    )
+    p.add_argument(
+        "--block-timeout",
+        type=seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="each block is read, retries included, or fails (EIO) within this (default 60)",
     )
 
 
@@ -140,6 +157,7 @@ def mount_options(
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
         cache_bytes=args.cache_size,
         max_concurrency=args.max_concurrency,
+        timeout_s=args.block_timeout,
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         **extra,  # type: ignore[arg-type]
@@ -314,7 +332,7 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
         if key_flag in ("allow-other", "foreground", "no-kernel-tuning"):
             out_flags.append(f"--{key_flag}")
         elif key_flag in (
-            "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
+            "region", "profile", "endpoint-url", "cache-size", "max-concurrency", "block-timeout",
             "log-level", "log-file", "audit-log",
         ):  # fmt: skip
             if not value:

@@ -21,15 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from . import BLOCK_SIZE
+from . import BLOCK_SIZE, DEFAULT_TIMEOUT_S
 from .errors import ChecksumMismatch, EbsError
 from .ids import validate_snapshot_id as validate_snapshot_id
+from .pages import BlockPage, ChangedBlock, block_page, changed_page
+
+__all__ = ["BlockPage", "ChangedBlock"]  # re-exported: pages belong to the client's answers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,14 @@ log = logging.getLogger(__name__)
 # so 30 s means something is broken and the attempt is retried.
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0
+# Within the budget (DEFAULT_TIMEOUT_S) a transient fault gets several tries; each request has
+# its own deadline of ~22 s (fastget.REQUEST_BASE_S), so a server that stalls gets about three.
+DEFAULT_BUDGET_S = DEFAULT_TIMEOUT_S
+# A retry left with less than this is not started: it could not even connect and answer.
+MIN_ATTEMPT_S = 0.5
+# One request may take at most this share of the budget, so a server that stalls once still
+# leaves time for two more tries (20 s each of the default minute).
+ATTEMPTS_PER_BUDGET = 3
 
 # Errors the service documents as transient, plus the ones seen in the wild.
 _RETRYABLE_CODES = {
@@ -74,9 +86,25 @@ class RetryPolicy:
     throttle_attempts: int = 12
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
+    # A read gets its bytes, or fails, within this many seconds whatever the server does: no
+    # retry starts after it, and the mount gives each request only what is left of it.
+    budget_s: float = DEFAULT_BUDGET_S
 
     def max_attempts(self, error: EbsError) -> int:
         return self.throttle_attempts if error.throttled else self.attempts
+
+    def attempt_timeout(self, remaining_s: float) -> float:
+        """How long the next request may take, with `remaining_s` of the budget left."""
+        return min(remaining_s, self.budget_s / ATTEMPTS_PER_BUDGET)
+
+    def retry_delay(self, error: EbsError, attempt: int, remaining_s: float) -> float | None:
+        """Seconds to wait before another try after `attempt` failed with `error`, or None to
+        give up: the error is final, the attempts are used up, or the budget is."""
+        if not error.retryable or attempt >= self.max_attempts(error):
+            return None
+        delay = self.delay(attempt)
+        # The next attempt needs time of its own after the wait, or it cannot succeed.
+        return delay if delay + MIN_ATTEMPT_S < remaining_s else None
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
@@ -92,24 +120,6 @@ class ClientSettings:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     audit_log: str | None = None
-
-
-@dataclass(frozen=True)
-class BlockPage:
-    """One page of ListSnapshotBlocks or ListChangedBlocks."""
-
-    blocks: list[tuple[int, str]]
-    next_token: str | None
-    expiry: datetime | None
-    volume_size_gib: int
-    block_size: int
-
-
-@dataclass(frozen=True)
-class ChangedBlock:
-    index: int
-    first_token: str | None
-    second_token: str | None
 
 
 def b64_sha256(data: bytes | memoryview) -> str:
@@ -130,7 +140,11 @@ def translate(
         message = err.get("Message") or str(exc)
         reason = response.get("Reason") or err.get("Reason")
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        throttled = code in _THROTTLE_CODES
+        # A bare 429 (a proxy's, with no AWS error type) or an untyped 503 "slow down" asks us
+        # to back off exactly like the service's own throttling answers: botocore's standard
+        # retry mode treats them so too.
+        untyped = code == str(status)
+        throttled = code in _THROTTLE_CODES or status == 429 or (status == 503 and untyped)
         retryable = (
             throttled
             or code in _RETRYABLE_CODES
@@ -201,24 +215,16 @@ def verify_block(
         )
 
 
-def _page_args(max_results: int, start_index: int | None, next_token: str | None) -> dict[str, Any]:
-    """Paging parameters of both list calls; NextToken takes precedence, as the API says."""
-    kwargs: dict[str, Any] = {"MaxResults": max_results}
+def _page_params(
+    max_results: int, start_index: int | None, next_token: str | None
+) -> dict[str, str]:
+    """Query parameters of both list calls; NextToken takes precedence, as the API says."""
+    params = {"maxResults": str(max_results)}
     if next_token:
-        kwargs["NextToken"] = next_token
+        params["pageToken"] = next_token
     elif start_index:
-        kwargs["StartingBlockIndex"] = start_index
-    return kwargs
-
-
-def _page(response: dict[str, Any], blocks: list[tuple[int, str]]) -> BlockPage:
-    return BlockPage(
-        blocks=blocks,
-        next_token=response.get("NextToken") or None,
-        expiry=response.get("ExpiryTime"),
-        volume_size_gib=int(response.get("VolumeSize", 0)),
-        block_size=int(response.get("BlockSize", BLOCK_SIZE)),
-    )
+        params["startingBlockIndex"] = str(start_index)
+    return params
 
 
 T = TypeVar("T")
@@ -231,18 +237,26 @@ def call_with_retries(
     on_retry: Callable[[EbsError], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Run `fn` (which raises `EbsError`) with the policy's bounded backoff, blocking."""
+    """Run `fn` (which raises `EbsError`) with the policy's bounded backoff, blocking.
+
+    No retry starts once the policy's budget is spent; the error raised carries the number of
+    attempts made.
+    """
     attempt = 1
+    started = time.monotonic()
     while True:
         try:
             return fn()
         except EbsError as error:
-            if not error.retryable or attempt >= policy.max_attempts(error):
+            remaining = policy.budget_s - (time.monotonic() - started)
+            delay = policy.retry_delay(error, attempt, remaining)
+            if delay is None:
+                error.attempts = attempt
                 raise
             if on_retry:
                 on_retry(error)
             log.debug("retrying after %s (attempt %d)", error, attempt)
-            sleep(policy.delay(attempt))
+            sleep(delay)
             attempt += 1
 
 
@@ -338,16 +352,25 @@ class EbsClient:
         start_index: int | None = None,
         next_token: str | None = None,
         max_results: int = 10000,
+        volume_size_gib: int | None = None,
+        timeout: float | None = None,
     ) -> BlockPage:
-        kwargs = _page_args(max_results, start_index, next_token)
-        try:
-            r = self._ebs.list_snapshot_blocks(SnapshotId=snapshot_id, **kwargs)
-        except Exception as exc:
-            raise translate(exc, snapshot_id=snapshot_id, block_index=start_index) from None
-        # Sorted and coerced defensively: the API promises ascending integers, but a stand-in
-        # (moto) sends strings in insertion order, and bisect needs order.
-        blocks = sorted((int(b["BlockIndex"]), b["BlockToken"]) for b in r.get("Blocks", []))
-        return _page(r, blocks)
+        """One ListSnapshotBlocks page, checked whole (`pages.block_page`) before it is returned.
+
+        `volume_size_gib`, once known, must be the page's VolumeSize too. Lists go through the
+        lean transport, not boto3: botocore turns a cut or foreign body into an empty page, and
+        its socket timeout is per read, never for the whole answer.
+        """
+        where = {"snapshot_id": snapshot_id, "block_index": start_index}
+        doc = self._fast.get_json(
+            f"/snapshots/{quote(snapshot_id, safe='')}/blocks",
+            _page_params(max_results, start_index, next_token),
+            where=where,
+            timeout=timeout,
+        )
+        return block_page(
+            doc, snapshot_id=snapshot_id, start_index=start_index, volume_size_gib=volume_size_gib
+        )
 
     def list_changed_blocks(
         self,
@@ -357,25 +380,48 @@ class EbsClient:
         start_index: int | None = None,
         next_token: str | None = None,
         max_results: int = 10000,
+        volume_size_gib: int | None = None,
+        timeout: float | None = None,
     ) -> tuple[BlockPage, list[ChangedBlock]]:
-        kwargs = _page_args(max_results, start_index, next_token)
+        """One ListChangedBlocks page, checked whole (`pages.changed_page`)."""
+        params = _page_params(max_results, start_index, next_token)
         if first_snapshot_id:
-            kwargs["FirstSnapshotId"] = first_snapshot_id
-        try:
-            r = self._ebs.list_changed_blocks(SecondSnapshotId=second_snapshot_id, **kwargs)
-        except Exception as exc:
-            raise translate(exc, snapshot_id=second_snapshot_id) from None
-        changed = [
-            ChangedBlock(int(b["BlockIndex"]), b.get("FirstBlockToken"), b.get("SecondBlockToken"))
-            for b in r.get("ChangedBlocks", [])
-        ]
-        changed.sort(key=lambda c: c.index)
-        page = _page(r, [(c.index, c.second_token or "") for c in changed])
-        return page, changed
+            params["firstSnapshotId"] = first_snapshot_id
+        where = {"snapshot_id": second_snapshot_id, "block_index": start_index}
+        doc = self._fast.get_json(
+            f"/snapshots/{quote(second_snapshot_id, safe='')}/changedblocks",
+            params,
+            where=where,
+            timeout=timeout,
+        )
+        return changed_page(
+            doc,
+            snapshot_id=second_snapshot_id,
+            start_index=start_index,
+            volume_size_gib=volume_size_gib,
+        )
 
-    def get_block(self, snapshot_id: str, index: int, token: str) -> bytes:
-        """Fetch one block and return its bytes only if length and SHA-256 match the headers."""
-        data = self._fast.get_block(snapshot_id, index, token)
+    def get_block(
+        self, snapshot_id: str, index: int, token: str, *, timeout: float | None = None
+    ) -> bytes:
+        """Fetch one block: its bytes only if they are 512 KiB and match the SHA-256 sent.
+
+        Every EBS block is 512 KiB, so a shorter one, though it matches its own headers, would
+        shift every later byte of an image: refused here, for the mount and the tools alike.
+        The traceback of a failure is dropped: its frames would keep the refused body alive
+        for as long as anyone holds the error.
+        """
+        try:
+            data = self._fast.get_block(snapshot_id, index, token, timeout=timeout)
+            if len(data) != BLOCK_SIZE:
+                raise EbsError(
+                    f"block of {len(data)} bytes, not {BLOCK_SIZE}",
+                    snapshot_id=snapshot_id,
+                    block_index=index,
+                    code="UnexpectedBlockLength",
+                )
+        except EbsError as error:
+            raise error.fresh() from None
         if self.audit is not None:
             self.audit.record(snapshot_id, index, len(data), b64_sha256(data))
         return data

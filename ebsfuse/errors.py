@@ -7,6 +7,12 @@ on stderr; the daemon logs it.
 
 from __future__ import annotations
 
+import copy
+
+# A message is one line of a terminal or a log: whatever a server sent (an HTML page, a stack
+# trace of its own) is folded to one line and cut at this many characters.
+MAX_MESSAGE_CHARS = 300
+
 
 class EbsfuseError(Exception):
     """A failure the user can act on; its message is the whole story, no traceback needed."""
@@ -30,6 +36,9 @@ class EbsError(EbsfuseError):
         retryable: bool = False,
         throttled: bool = False,
     ) -> None:
+        message = " ".join(str(message).split())
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.message = message
         self.snapshot_id = snapshot_id
@@ -38,6 +47,18 @@ class EbsError(EbsfuseError):
         self.reason = reason
         self.retryable = retryable
         self.throttled = throttled
+        self.attempts = 1  # requests made before giving up, set by the retry loop
+
+    def fresh(self) -> EbsError:
+        """A copy without a traceback, to raise again for another reader.
+
+        Raising one stored exception object again and again extends its traceback each time,
+        and the frames it holds keep their locals (block bodies) alive.
+        """
+        twin = copy.copy(self)
+        twin.__traceback__ = None
+        twin.__cause__ = twin.__context__ = None
+        return twin
 
     @property
     def token_refused(self) -> bool:

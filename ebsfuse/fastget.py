@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import heapq
 import http.client
+import itertools
 import json
 import select
 import socket
 import ssl
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +51,7 @@ import botocore.exceptions
 import botocore.httpsession
 import botocore.session
 
-from . import __version__
+from . import BLOCK_SIZE, __version__
 from .client import ClientSettings, translate, verify_block
 from .errors import ChecksumMismatch, EbsError
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
@@ -61,6 +64,16 @@ USER_AGENT = f"ebsfuse/{__version__} fastget Python/{sys.version_info[0]}.{sys.v
 # Error bodies are a few hundred bytes of JSON; a larger one is cut at this size (the rest is
 # not read and the connection is dropped), so a misbehaving proxy cannot make us buffer much.
 MAX_ERROR_BODY = 64 * 1024
+# A full ListSnapshotBlocks page (10,000 entries, tokens of up to 256 characters) is about
+# 3 MB of JSON; a larger body is refused unread, whatever its Content-Length says.
+MAX_LIST_BODY = 8 * 1024 * 1024
+# Every request has a total deadline, not only a per-read timeout: a body that trickles a
+# byte a second never trips a 30 s socket timeout. The service answers a block in ~100 ms and
+# a full listing page in about a second, so 20 s for the headers and the first bytes is far
+# past anything healthy, and leaves the read budget (60 s by default) room for more attempts.
+REQUEST_BASE_S = 20.0
+# ...plus the body at no less than this rate: 2 s more for a block, 32 s at most for a page.
+MIN_TRANSFER_RATE = 256 * 1024
 # Path segments are percent-encoded like botocore encodes URI labels: unreserved stay bare.
 _LABEL_SAFE = "-_.~"
 
@@ -130,11 +143,13 @@ class _Connection:
             raise _ProtocolError("a header line is too long")
         return line
 
-    def exchange(self, request: bytes, max_error_body: int) -> _Response:
+    def exchange(self, request: bytes, max_error_body: int, max_body: int) -> _Response:
         """Send `request` (a complete head, no body) and read the response.
 
         At most `max_error_body` bytes of an error response's body are read; one cut short is
-        marked not reusable. `in_body` tells, after a failure, whether the headers had arrived.
+        marked not reusable. A successful response whose body is larger than `max_body` is
+        refused (`_Oversized`) before any of it is read, so an announced 64 MiB costs nothing.
+        `in_body` tells, after a failure, whether the headers had arrived.
         """
         self.in_body = False
         self.sock.sendall(request)
@@ -165,27 +180,33 @@ class _Connection:
             if status >= 200 or status == 101:
                 break  # 1xx other than 101 are interim: a final response follows
         keep_alive = version == b"HTTP/1.1" and "close" not in headers.get("connection", "")
-        max_body = max_error_body if status >= 300 else None
+        error = status >= 300
         self.in_body = True
         if status in (204, 304):
             return _Response(status, headers, b"", keep_alive)
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = self._chunked(max_body)
-            return _Response(status, headers, body, keep_alive and max_body is None)
+            body = self._chunked(max_error_body if error else max_body + 1)
+            if not error and len(body) > max_body:
+                raise _Oversized(None, max_body)
+            return _Response(status, headers, body, keep_alive and not error)
         length_text = headers.get("content-length")
         if length_text is not None:
             if not length_text.isdigit():
                 raise _ProtocolError(f"bad Content-Length {length_text!r}")
             length = int(length_text)
-            want = length if max_body is None else min(length, max_body)
+            if not error and length > max_body:
+                raise _Oversized(length, max_body)
+            want = min(length, max_error_body) if error else length
             body = self.rfile.read(want)
             if len(body) < want:
                 raise _IncompleteBody(len(body), length)
             return _Response(status, headers, body, keep_alive and want == length)
-        body = self.rfile.read() if max_body is None else self.rfile.read(max_body)
-        return _Response(status, headers, body, False)
+        body = self.rfile.read((max_error_body if error else max_body) + 1)
+        if not error and len(body) > max_body:
+            raise _Oversized(None, max_body)
+        return _Response(status, headers, body[:max_error_body] if error else body, False)
 
-    def _chunked(self, max_body: int | None) -> bytes:
+    def _chunked(self, max_body: int) -> bytes:
         parts: list[bytes] = []
         total = 0
         while True:
@@ -204,8 +225,16 @@ class _Connection:
             parts.append(chunk)
             total += size
             self._line()  # the CRLF after the chunk
-            if max_body is not None and total >= max_body:
+            if total >= max_body:
                 return b"".join(parts)[:max_body]
+
+
+class _Oversized(Exception):
+    """A successful response announcing (or sending) more than the request can take."""
+
+    def __init__(self, announced: int | None, limit: int) -> None:
+        what = f"announces {announced} bytes" if announced is not None else "is larger"
+        super().__init__(f"the body {what}; at most {limit} are taken, so it was not read")
 
 
 class _IncompleteBody(Exception):
@@ -254,6 +283,86 @@ class _Pool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class _Alarm:
+    """One request's deadline: the socket to cut, and whether it was cut."""
+
+    __slots__ = ("armed", "fired", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.armed = True
+        self.fired = False
+
+
+class _Watchdog:
+    """Cuts the connection of any request that outlives its deadline; one thread for all.
+
+    A request arms an alarm before it sends and disarms it when the response is read. The
+    thread sleeps until the earliest armed deadline (never less than `TICK_S`, so a thousand
+    requests a second cost a few wake-ups, not a thousand) and shuts the late sockets down,
+    which ends a blocked `recv` at once whatever the server does: trickle, stall or flood.
+    Disarmed alarms leave the heap lazily, and it is rebuilt when they outnumber live ones.
+    """
+
+    TICK_S = 0.25
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._order = itertools.count()
+        self._armed = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket, deadline: float) -> _Alarm:
+        alarm = _Alarm(sock)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ebsfuse-deadlines", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline, next(self._order), alarm))
+            self._armed += 1
+            if len(self._heap) > 2 * self._armed + 1024:
+                self._heap = [entry for entry in self._heap if entry[2].armed]
+                heapq.heapify(self._heap)
+            if self._heap[0][2] is alarm:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: _Alarm) -> bool:
+        """Stop watching; True if the deadline had already cut the connection."""
+        with self._cond:
+            if alarm.armed:
+                alarm.armed = False
+                self._armed -= 1
+            return alarm.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                heap = self._heap
+                while heap and not heap[0][2].armed:
+                    heapq.heappop(heap)
+                if not heap:
+                    self._cond.wait()
+                    continue
+                late = heap[0][0] - time.monotonic()
+                if late > 0:
+                    self._cond.wait(max(late, self.TICK_S))
+                    continue
+                _, _, alarm = heapq.heappop(heap)
+                alarm.armed, alarm.fired = False, True
+                self._armed -= 1
+                with contextlib.suppress(OSError):
+                    # The plain socket's shutdown, also under TLS: it wakes the reader without
+                    # touching the SSL object that thread is using.
+                    socket.socket.shutdown(alarm.sock, socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
 
 
 class FastBlockGetter:
@@ -321,11 +430,14 @@ class FastBlockGetter:
             self._extra_head += "".join(f"{k}: {v}\r\n" for k, v in self._proxy[2].items())
         self._pool = _Pool(settings.max_pool_connections)
 
-    def _connect(self) -> _Connection:
-        """A new connection: TCP within the connect timeout, then TLS (through a tunnel)."""
+    def _connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
+        """A new connection (TCP within the connect timeout, then TLS, through a tunnel),
+        watched from the moment its socket exists."""
         settings = self.settings
         address = self._server if self._proxy is None else self._proxy[:2]
-        sock = socket.create_connection(address, timeout=settings.connect_timeout_s)
+        timeout = max(0.001, min(settings.connect_timeout_s, deadline - time.monotonic()))
+        sock = socket.create_connection(address, timeout=timeout)
+        alarm = _WATCHDOG.arm(sock, deadline)
         try:
             # The request head goes out in one send; no reason to let Nagle hold it back.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -333,12 +445,14 @@ class FastBlockGetter:
                 _tunnel(sock, self._server, self._proxy[2])
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self._server[0])
+                alarm.sock = sock  # the raw socket object is detached by the wrap
             # From here each socket operation may wait up to the read timeout (as urllib3).
             sock.settimeout(settings.read_timeout_s)
         except BaseException:
+            _WATCHDOG.disarm(alarm)
             sock.close()
             raise
-        return _Connection(sock)
+        return _Connection(sock), alarm
 
     # -- credentials ----------------------------------------------------------------------------
 
@@ -368,8 +482,13 @@ class FastBlockGetter:
 
     # -- the request ----------------------------------------------------------------------------
 
-    def get_block(self, snapshot_id: str, index: int, token: str) -> bytes:
-        """Fetch one block and return its bytes only if length and SHA-256 match the headers."""
+    def get_block(
+        self, snapshot_id: str, index: int, token: str, *, timeout: float | None = None
+    ) -> bytes:
+        """Fetch one block and return its bytes only if length and SHA-256 match the headers.
+
+        `timeout` bounds the whole request (connect, headers, body) below its own deadline.
+        """
         where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": index}
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             # botocore validates BlockIndex (an integer, min 0) before sending anything.
@@ -379,16 +498,52 @@ class FastBlockGetter:
                 code="ParamValidationError",
                 **where,
             )
+        path = f"/snapshots/{quote(snapshot_id, safe=_LABEL_SAFE)}/blocks/{index}"
+        query = f"blockToken={encode_query_value(token)}"
+        response = self._request(path, query, BLOCK_SIZE, where, timeout)
+        return self._verified(response.body, response.headers, where)
+
+    def get_json(
+        self,
+        path: str,
+        params: dict[str, str],
+        *,
+        where: dict[str, Any],
+        timeout: float | None = None,
+    ) -> object:
+        """A signed GET of a listing: its body parsed as JSON, whole or not at all.
+
+        The transport has framed the whole body (Content-Length or chunked) before this parses
+        it; a body that is not JSON (a proxy's HTML page) is a retryable `MalformedListing`.
+        """
+        query = "&".join(
+            f"{encode_query_value(k)}={encode_query_value(v)}" for k, v in sorted(params.items())
+        )
+        response = self._request(path, query, MAX_LIST_BODY, where, timeout)
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            kind = response.headers.get("content-type", "no Content-Type")
+            raise EbsError(
+                f"the listing's body is not JSON ({kind}, {len(response.body)} bytes): "
+                f"{response.body[:60]!r}",
+                code="MalformedListing",
+                retryable=True,
+                **where,
+            ) from None
+
+    def _request(
+        self, path: str, query: str, max_body: int, where: dict[str, Any], timeout: float | None
+    ) -> _Response:
+        """One signed GET within its deadline; a successful response, or an `EbsError`."""
+        path = self._base_path + path
         try:
             credentials = self._credentials()
         except EbsError as error:
-            error.snapshot_id, error.block_index = snapshot_id, index
+            error.snapshot_id, error.block_index = where["snapshot_id"], where["block_index"]
             raise
         except Exception as exc:  # a credential provider failing to refresh
             raise translate(exc, **where) from None
-
-        path = f"{self._base_path}/snapshots/{quote(snapshot_id, safe=_LABEL_SAFE)}/blocks/{index}"
-        query = f"blockToken={encode_query_value(token)}"
         signed = self._signer.headers(
             credentials, method="GET", host=self._host, path=path, query=query
         )
@@ -398,27 +553,40 @@ class FastBlockGetter:
             + self._extra_head
             + "\r\n"
         ).encode("latin-1")
+        limit = REQUEST_BASE_S + max_body / MIN_TRANSFER_RATE
+        if timeout is not None:
+            limit = min(limit, timeout)
+        deadline = time.monotonic() + limit
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
         phase = "connect"
         conn: _Connection | None = None
+        alarm: _Alarm | None = None
         try:
-            conn = self._pool.get() or self._connect()
+            conn = self._pool.get()
+            if conn is None:
+                conn, alarm = self._connect(deadline)
+            else:
+                alarm = _WATCHDOG.arm(conn.sock, deadline)
             phase = "send"
-            response = conn.exchange(head, MAX_ERROR_BODY)
+            response = conn.exchange(head, MAX_ERROR_BODY, max_body)
         except Exception as exc:
+            late = alarm is not None and _WATCHDOG.disarm(alarm)
             if conn is not None:
                 if conn.in_body:
                     phase = "body"
                 conn.close()
-            raise self._network_error(exc, phase, path, query, where) from None
-        if response.reusable:
+            if late:
+                phase = "deadline"
+            raise self._network_error(exc, phase, path, query, where, limit) from None
+        late = _WATCHDOG.disarm(alarm)
+        if response.reusable and not late:
             self._pool.put(conn)
         else:
             conn.close()
         if response.status >= 300:
             raise self._service_error(response, where)
-        return self._verified(response.body, response.headers, where)
+        return response
 
     @staticmethod
     def _verified(data: bytes, headers: dict[str, str], where: dict[str, Any]) -> bytes:
@@ -452,26 +620,23 @@ class FastBlockGetter:
         text = body.decode("utf-8", errors="replace")
         doc: dict[str, Any] = {}
         stripped = body.strip()
-        if status >= 500 and (not stripped or stripped.startswith(b"<html>")):
-            # botocore's "generic" error: a proxy's or load balancer's page, not the service's.
+        if stripped:
+            try:
+                parsed = json.loads(text)
+                doc = parsed if isinstance(parsed, dict) else {}
+            except ValueError:
+                doc = {}
+        typed = response.headers.get("x-amzn-errortype") or doc.get("code") or doc.get("Code")
+        typed = typed or doc.get("__type")
+        if not typed and not doc:
+            # botocore's "generic" error: a proxy's, load balancer's or captive portal's page
+            # (HTML, plain text, nothing), not the service's. Its status is all it says; the
+            # page itself would only make the message many lines long.
             code: str = str(status)
             message = http.client.responses.get(status, "")
         else:
-            if stripped:
-                try:
-                    parsed = json.loads(text)
-                    doc = parsed if isinstance(parsed, dict) else {}
-                except ValueError:
-                    doc = {"message": text}
-            message = doc.get("message", doc.get("Message", ""))
-            raw = (
-                response.headers.get("x-amzn-errortype")
-                or doc.get("code")
-                or doc.get("Code")
-                or doc.get("__type")
-                or str(status)
-            )
-            code = str(raw).split(":", 1)[0].rsplit("#", 1)[-1]
+            message = doc.get("message", doc.get("Message", "")) or text
+            code = str(typed or status).split(":", 1)[0].rsplit("#", 1)[-1]
         error_document: dict[str, Any] = {"Code": code, "Message": message}
         response_document: dict[str, Any] = {
             "Error": error_document,
@@ -483,12 +648,23 @@ class FastBlockGetter:
         return translate(client_error, **where)
 
     def _network_error(
-        self, exc: BaseException, phase: str, path: str, query: str, where: dict[str, Any]
+        self,
+        exc: BaseException,
+        phase: str,
+        path: str,
+        query: str,
+        where: dict[str, Any],
+        limit: float,
     ) -> EbsError:
         """A failure below HTTP, named as botocore names it; `translate` marks it retryable."""
-        url = f"{self.endpoint_url.rstrip('/')}{path[len(self._base_path) :]}?{query}"
+        url = f"{self.endpoint_url.rstrip('/')}{path[len(self._base_path) :]}"
         timed_out = isinstance(exc, TimeoutError | socket.timeout)
-        if phase == "connect":
+        if isinstance(exc, _Oversized):
+            code, message = "OversizedBody", f"{exc} ({url})"
+        elif phase == "deadline":
+            code = "ReadTimeoutError"
+            message = f'Read timeout on endpoint URL: "{url}": no whole answer in {limit:.1f} s'
+        elif phase == "connect":
             if timed_out:
                 code, message = "ConnectTimeoutError", f'Connect timeout on endpoint URL: "{url}"'
             elif isinstance(exc, ssl.SSLError):

@@ -20,13 +20,16 @@ line order) is `FIRST_FILE_INODE + k`, its partition N is
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -56,6 +59,34 @@ PARTITIONS_PER_IMAGE = 1 << 16
 # an unknown name or readdir tries again only this much later, so `ls` in a loop does not
 # hammer a failing service: each attempt can take the retry budget (tens of seconds).
 DETECT_RETRY_S = 30.0
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def guarded(handler: Handler) -> Handler:
+    """No exception of any kind leaves a FUSE handler: pyfuse3 would end the mount on it.
+
+    A failed block (`EbsError`) was logged once where it failed, in the reader; here it only
+    becomes EIO. Anything else is a bug or a surprise: one log line, the traceback at debug
+    level, EIO for the caller, and the daemon goes on serving.
+    """
+
+    @functools.wraps(handler)
+    async def handle(self: SnapshotFS, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except EbsError as error:
+            log.debug("%s: %s", handler.__name__, error)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            log.error("%s failed: %s: %s", handler.__name__, type(exc).__name__, exc)
+            log.debug("%s failed", handler.__name__, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handle  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -140,9 +171,11 @@ class SnapshotFS(pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         return attr
 
+    @guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(inode)
 
+    @guarded
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -221,11 +254,13 @@ class SnapshotFS(pyfuse3.Operations):
 
     # -- directory --------------------------------------------------------------------------
 
+    @guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:
             await self.detect_partitions()
@@ -238,6 +273,7 @@ class SnapshotFS(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------
 
+    @guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -273,6 +309,7 @@ class SnapshotFS(pyfuse3.Operations):
             "snapshots": snapshots,
         }
 
+    @guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if fh in self.stats_files:
             return self.stats_files[fh][off : off + size]
@@ -281,21 +318,14 @@ class SnapshotFS(pyfuse3.Operations):
         image = node.image
         if off >= node.size:
             return b""
-        try:
-            return await image.read(node.start + off, min(size, node.size - off), window)
-        except EbsError as error:
-            log.error("read of %d bytes at %d failed: %s", size, off, error)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("%s: read of %d bytes at %d failed", image.snapshot_id, size, off)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        return await image.read(node.start + off, min(size, node.size - off), window)
 
+    @guarded
     async def release(self, fh: int) -> None:
         self.open_files.pop(fh, None)
         self.stats_files.pop(fh, None)
 
+    @guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         total = sum(image.size for image in self.images.values())
         data = pyfuse3.StatvfsData()

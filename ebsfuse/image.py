@@ -45,19 +45,15 @@ class SnapshotInfo:
 
 
 def describe_snapshot(client: EbsClient, snapshot_id: str, policy: RetryPolicy) -> SnapshotInfo:
-    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable."""
+    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable.
+
+    The page is checked like every other (`pages.block_page`): a VolumeSize outside the EBS
+    range or a block size other than 512 KiB refuses the mount with one line.
+    """
     validate_snapshot_id(snapshot_id)
     page = call_with_retries(
         lambda: client.list_blocks(snapshot_id, max_results=DESCRIBE_PAGE), policy
     )
-    if page.block_size != BLOCK_SIZE:
-        raise EbsError(
-            f"block size {page.block_size} is not the {BLOCK_SIZE} bytes EBS uses",
-            snapshot_id=snapshot_id,
-            code="UnsupportedBlockSize",
-        )
-    if page.volume_size_gib <= 0:
-        raise EbsError("the service reported no volume size", snapshot_id=snapshot_id)
     return SnapshotInfo(snapshot_id, page.volume_size_gib, page.block_size, page)
 
 
@@ -83,22 +79,20 @@ class SnapshotImage:
         self._ctx = ctx
 
     async def _list(self, start_index: int | None, next_token: str | None) -> BlockPage:
+        """One checked page for the block map, retried within the policy's budget."""
         ctx = self._ctx
-        attempt = 1
-        while True:
-            try:
-                return await trio.to_thread.run_sync(
-                    lambda: ctx.client.list_blocks(
-                        self.snapshot_id, start_index=start_index, next_token=next_token
-                    ),
-                    limiter=ctx.limiter,
-                )
-            except EbsError as error:
-                if not error.retryable or attempt >= ctx.policy.max_attempts(error):
-                    raise
-                self.reader.stats.count_retry(error.code)
-                await trio.sleep(ctx.policy.delay(attempt))
-                attempt += 1
+
+        def list_page(timeout: float) -> BlockPage:
+            return ctx.client.list_blocks(
+                self.snapshot_id,
+                start_index=start_index,
+                next_token=next_token,
+                volume_size_gib=self.info.volume_size_gib,
+                timeout=timeout,
+            )
+
+        deadline = trio.current_time() + ctx.policy.budget_s
+        return await ctx.with_retries(list_page, self.reader.stats, deadline)
 
     def new_window(self) -> ReadaheadWindow:
         """A readahead window for one open file.

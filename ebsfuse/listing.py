@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from . import BLOCK_SIZE
 from .client import EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
 from .errors import EbsError
 
@@ -104,6 +103,8 @@ class BlockLister:
         self, start_index: int, next_token: str | None, max_results: int
     ) -> tuple[list[ListedBlock], str | None, datetime | None]:
         listed_at = self.clock()
+        # Every page after the first must describe the same volume (pages.block_page checks).
+        known_gib = self.info.volume_size_gib if self.info is not None else None
 
         def once() -> tuple[list[ListedBlock], str | None, datetime | None, int, int]:
             if self.changed:
@@ -113,6 +114,7 @@ class BlockLister:
                     start_index=start_index or None,
                     next_token=next_token,
                     max_results=max_results,
+                    volume_size_gib=known_gib,
                 )
                 raw = [(c.index, c.second_token, c.first_token) for c in changed]
             else:
@@ -121,6 +123,7 @@ class BlockLister:
                     start_index=start_index or None,
                     next_token=next_token,
                     max_results=max_results,
+                    volume_size_gib=known_gib,
                 )
                 raw = [(i, t, None) for i, t in page.blocks]
             refresh_at = _refresh_time(listed_at, page.expiry)
@@ -132,12 +135,6 @@ class BlockLister:
         )
         self.pages += 1
         if self.info is None:
-            if block_size != BLOCK_SIZE:
-                raise EbsError(
-                    f"block size {block_size} is not the 512 KiB the tools support",
-                    snapshot_id=self.snapshot_id,
-                    code="UnsupportedBlockSize",
-                )
             self.info = VolumeInfo(gib, block_size, expiry)
         return blocks, token, expiry
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from . import mountinfo
+from . import DEFAULT_TIMEOUT_S, mountinfo
 from .errors import EbsfuseError, UsageError
 from .ids import validate_snapshot_id
 
@@ -62,6 +62,7 @@ class MountOptions:
     audit_log: str | None = None
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    timeout_s: float = DEFAULT_TIMEOUT_S
     foreground: bool = False
     allow_other: bool = False
     log_level: str = "INFO"
@@ -90,6 +91,7 @@ class MountOptions:
                 argv += [flag, value]
         argv += ["--cache-size", str(self.cache_bytes)]
         argv += ["--max-concurrency", str(self.max_concurrency)]
+        argv += ["--block-timeout", repr(self.timeout_s)]
         argv += ["--log-level", self.log_level]
         if self.allow_other:
             argv.append("--allow-other")
@@ -301,7 +303,7 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
     from .image import SnapshotImage, describe_snapshot
     from .reader import FetchContext
 
-    policy = RetryPolicy()
+    policy = RetryPolicy(budget_s=opts.timeout_s)
     ctx = FetchContext(
         client, cache_bytes=opts.cache_bytes, max_concurrency=opts.max_concurrency, policy=policy
     )

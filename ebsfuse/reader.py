@@ -23,19 +23,30 @@ request and its SHA-256 check run in worker threads):
 A refused token (INVALID_BLOCK_TOKEN) drops the range from the block map and is retried once
 with a fresh token; checksum mismatches, throttling, 5xx and network errors are retried with the
 client's `RetryPolicy`; anything else fails at once.
+
+Bounds (README, "How a read works"): a flight gets its block or fails within the policy's
+budget (60 s by default) whatever the server does. Every request is given only what is left of
+it (and has its own deadline in the transport), no retry starts after it, and a cancel scope
+at the budget ends any wait (the block map's lock, a listing, the concurrency limit). A failed
+flight is logged once, with its attempts, and remembered for `FAILED_HOLD_S`: the kernel
+re-issues a failed read at once, and that re-issue fails at once instead of starting a new
+budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import cachetools
 import trio
 
-from . import BLOCK_SIZE
 from .blockmap import BlockMap
 from .client import EbsClient, RetryPolicy
 from .errors import EbsError
@@ -44,6 +55,25 @@ from .stats import ReadStats
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+T = TypeVar("T")
+
+# How long a failed block fails again at once. The kernel re-issues a failed read straight
+# away (and again in smaller pieces); each would otherwise start a new budget, so a reader
+# waited minutes. Short enough that a user trying again a little later gets a fresh attempt.
+FAILED_HOLD_S = 5.0
+# Failures remembered at most (a few hundred bytes each): a whole failing region of a large
+# read, without growing with the volume.
+MAX_REMEMBERED_FAILURES = 4096
+# The budget's cancel scope fires this much after the budget, as a backstop: requests are
+# given only what is left and end by then on their own.
+DEADLINE_GRACE_S = 1.0
+# trio 0.23 renamed `cancellable` to `abandon_on_cancel`: a thread left behind by a cancelled
+# wait ends at its request's own deadline.
+_ABANDON_ON_CANCEL = (
+    {"abandon_on_cancel": True}
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+    else {"cancellable": True}
+)
 
 
 class _Flight:
@@ -104,7 +134,56 @@ class FetchContext:
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.policy = policy or RetryPolicy()
         self.inflight: dict[Key, _Flight] = {}
+        self.failed: OrderedDict[Key, tuple[float, EbsError]] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+
+    async def with_retries(
+        self,
+        request: Callable[[float], T],
+        stats: ReadStats,
+        deadline: float,
+        on_attempt: Callable[[], None] | None = None,
+    ) -> T:
+        """`request(timeout)` in a worker thread under the concurrency limit, retried by the
+        policy until trio's clock reaches `deadline`; the error raised carries its attempts.
+
+        The one retry loop of the read path: block fetches and the block map's listings.
+        """
+        attempt = 1
+        while True:
+            if on_attempt is not None:
+                on_attempt()
+            timeout = self.policy.attempt_timeout(deadline - trio.current_time())
+            try:
+                return await trio.to_thread.run_sync(
+                    request, timeout, limiter=self.limiter, **_ABANDON_ON_CANCEL
+                )
+            except EbsError as error:
+                delay = self.policy.retry_delay(error, attempt, deadline - trio.current_time())
+                if delay is None:
+                    error.attempts = attempt
+                    raise
+                stats.count_retry(error.code)
+                log.debug("%s; retrying (attempt %d)", error, attempt)
+                await trio.sleep(delay)
+                attempt += 1
+
+    def remember_failure(self, key: Key, error: EbsError) -> None:
+        self.failed[key] = (trio.current_time() + FAILED_HOLD_S, error.fresh())
+        self.failed.move_to_end(key)
+        while len(self.failed) > MAX_REMEMBERED_FAILURES:
+            self.failed.popitem(last=False)
+
+    def recent_failure(self, key: Key) -> EbsError | None:
+        """The error of `key`'s flight if it failed less than FAILED_HOLD_S ago."""
+        entry = self.failed.get(key)
+        if entry is None:
+            return None
+        until, error = entry
+        if trio.current_time() >= until:
+            del self.failed[key]
+            return None
+        return error.fresh()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -150,6 +229,11 @@ class SnapshotReader:
                 return data
             flight = ctx.inflight.get(key)
             if flight is None:
+                failure = ctx.recent_failure(key)
+                if failure is not None:
+                    # Logged once already, when it failed; this is the kernel asking again.
+                    log.debug("%s (failed moments ago)", failure)
+                    raise failure
                 return await self._lead(key, prefetch=False)
             self.stats.shared_flights += 1
             await flight.event.wait()
@@ -157,6 +241,8 @@ class SnapshotReader:
                 if ctx.cache.unread_prefetches.pop(key, None) is not None:
                     self.stats.prefetch_used += 1
                 return flight.data
+            if isinstance(flight.error, EbsError):
+                raise flight.error.fresh()
             if not isinstance(flight.error, trio.Cancelled):
                 raise flight.error
             # The leader was cancelled (a sibling block of its read failed, or shutdown), not
@@ -173,12 +259,10 @@ class SnapshotReader:
             self.ctx.inflight[key] = _Flight()
 
     async def _prefetch(self, key: Key) -> None:
-        try:
+        # Never let a background fetch end the mount; a reader that joined this flight gets
+        # the error (logged once by _lead), and so do later reads within FAILED_HOLD_S.
+        with contextlib.suppress(Exception):
             await self._lead(key, prefetch=True)
-        except Exception as error:
-            # Never let a background fetch end the mount; a reader that joined this flight
-            # gets the error (after the full retry budget), and the next read tries afresh.
-            log.debug("prefetch failed: %s", error)
 
     async def _lead(self, key: Key, *, prefetch: bool) -> bytes | None:
         ctx = self.ctx
@@ -193,6 +277,12 @@ class SnapshotReader:
                     self.stats.prefetched += 1
                     ctx.cache.unread_prefetches[key] = self.stats
             return flight.data
+        except EbsError as error:
+            flight.error = error.fresh()
+            self.stats.failures += 1
+            ctx.remember_failure(key, error)
+            log.error("%s (after %d attempts)", error, error.attempts)
+            raise
         except BaseException as exc:
             flight.error = exc
             raise
@@ -200,55 +290,54 @@ class SnapshotReader:
             del ctx.inflight[key]
             flight.event.set()
 
-    def _timed_get(self, index: int, token: str) -> tuple[bytes, float]:
+    def _timed_get(self, index: int, token: str, timeout: float) -> tuple[bytes, float]:
         started = time.monotonic()
-        data = self.ctx.client.get_block(self.snapshot_id, index, token)
+        data = self.ctx.client.get_block(self.snapshot_id, index, token, timeout=timeout)
         return data, time.monotonic() - started
 
     async def _load(self, index: int) -> bytes | None:
-        ctx = self.ctx
-        stats = self.stats
+        """The verified block, or None for a hole, within the policy's budget."""
+        budget = self.ctx.policy.budget_s
+        deadline = trio.current_time() + budget
+        with trio.CancelScope(deadline=deadline + DEADLINE_GRACE_S) as scope:
+            return await self._load_by(index, deadline)
+        assert scope.cancelled_caught
+        raise EbsError(
+            f"no verified block within the {budget:g} s budget",
+            snapshot_id=self.snapshot_id,
+            block_index=index,
+            code="ReadTimeout",
+        )
+
+    async def _load_by(self, index: int, deadline: float) -> bytes | None:
         token = await self.blockmap.lookup(index)
         if token is None:
-            stats.hole_reads += 1
+            self.stats.hole_reads += 1
             return None
-        stats.cache_misses += 1
-        attempt = 1
-        token_retried = False
-        while True:
-            try:
-                stats.get_requests += 1
-                data, seconds = await trio.to_thread.run_sync(
-                    self._timed_get, index, token, limiter=ctx.limiter
-                )
-                stats.latency.add(seconds)  # here, on the trio thread: no lost updates
-                stats.bytes_fetched += len(data)
-                if len(data) != BLOCK_SIZE:
-                    # Verified against its own headers, but every EBS block is 512 KiB: a
-                    # shorter one would shift every later byte of the image.
-                    raise EbsError(
-                        f"block of {len(data)} bytes, not {BLOCK_SIZE}",
-                        snapshot_id=self.snapshot_id,
-                        block_index=index,
-                        code="UnexpectedBlockLength",
-                    )
-                return data
-            except EbsError as error:
-                if error.token_refused and not token_retried:
-                    # Tokens expire, and a service may supersede them: re-list once.
-                    stats.token_refusals += 1
-                    token_retried = True
-                    log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
-                    self.blockmap.invalidate(index, token)
-                    token = await self.blockmap.lookup(index)
-                    if token is None:
-                        return None
-                    continue
-                if not error.retryable or attempt >= ctx.policy.max_attempts(error):
-                    stats.failures += 1
-                    log.error("%s (after %d attempts)", error, attempt)
-                    raise
-                stats.count_retry(error.code)
-                log.debug("%s; retrying (attempt %d)", error, attempt)
-                await trio.sleep(ctx.policy.delay(attempt))
-                attempt += 1
+        self.stats.cache_misses += 1
+        try:
+            return await self._fetch(index, token, deadline)
+        except EbsError as error:
+            if not error.token_refused:
+                raise
+        # Tokens expire, and a service may supersede them: re-list once, try once more.
+        self.stats.token_refusals += 1
+        log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
+        self.blockmap.invalidate(index, token)
+        token = await self.blockmap.lookup(index)
+        if token is None:
+            return None
+        return await self._fetch(index, token, deadline)
+
+    async def _fetch(self, index: int, token: str, deadline: float) -> bytes:
+        stats = self.stats
+
+        def count_request() -> None:
+            stats.get_requests += 1
+
+        data, seconds = await self.ctx.with_retries(
+            functools.partial(self._timed_get, index, token), stats, deadline, count_request
+        )
+        stats.latency.add(seconds)  # here, on the trio thread: no lost updates
+        stats.bytes_fetched += len(data)
+        return data

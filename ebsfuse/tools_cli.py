@@ -9,6 +9,7 @@ Failures are `EbsfuseError`s that cli.main prints as one line; Ctrl-C (or SIGTER
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from . import BLOCK_SIZE
-from .cli import add_client_arguments, positive_int
+from .cli import add_client_arguments, positive_int, seconds
 from .errors import EbsfuseError
 
 PROG = "ebsfuse"
@@ -52,16 +53,6 @@ def _volume_gib(text: str) -> int:
     value = positive_int(text)
     if value > 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: an EBS volume is at most 65536 GiB")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
     return value
 
 
@@ -119,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--wait", action="store_true", help="wait until the snapshot is completed")
     up.add_argument(
         "--wait-timeout",
-        type=_seconds,
+        type=seconds,
         default=6 * 3600.0,
         metavar="SECONDS",
         help="give up waiting after this long (default 6 h)",
@@ -187,7 +178,7 @@ def _client(args: argparse.Namespace, pool: int = 16) -> Any:
 def _policy(args: argparse.Namespace) -> Any:
     from .client import RetryPolicy
 
-    return args.retry_policy or RetryPolicy()
+    return dataclasses.replace(args.retry_policy or RetryPolicy(), budget_s=args.block_timeout)
 
 
 def _progress(args: argparse.Namespace) -> bool:

@@ -237,14 +237,14 @@ def test_a_cancelled_leader_never_hands_cancelled_to_its_waiters(
     real_get = client.get_block
     failed_once: set[int] = set()
 
-    def get_block(snapshot_id: str, index: int, token: str) -> bytes:
+    def get_block(snapshot_id: str, index: int, token: str, **kwargs: object) -> bytes:
         if index == 1:
             time.sleep(0.05)
             raise EbsError("denied", code="AccessDeniedException")
         if index == 2 and index not in failed_once:
             failed_once.add(index)
             raise EbsError("blip", code="InternalServerException", retryable=True)
-        return real_get(snapshot_id, index, token)
+        return real_get(snapshot_id, index, token, **kwargs)
 
     monkeypatch.setattr(client, "get_block", get_block)
     monkeypatch.setattr("random.uniform", lambda a, b: b)  # deterministic backoff

@@ -242,11 +242,13 @@ def test_token_refused_mid_download_is_relisted(
 
         aged = False
 
-        def get_block(self, snapshot_id: str, index: int, token: str) -> bytes:
+        def get_block(
+            self, snapshot_id: str, index: int, token: str, *, timeout: float | None = None
+        ) -> bytes:
             if not Aging.aged:
                 Aging.aged = True
                 emu.advance_clock(8 * 86400)
-            return super().get_block(snapshot_id, index, token)
+            return super().get_block(snapshot_id, index, token, timeout=timeout)
 
     client = Aging(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
     out = workdir / "out.img"
