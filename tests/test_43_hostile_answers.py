@@ -257,3 +257,22 @@ def test_hash_and_download_are_right_or_fail_never_wrong(
         assert len(lines) == 1 and sid in lines[0], done.stderr
         assert EXPECTED_CODE[fault] in lines[0]
         assert done.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("fault", ["empty", "html", "malformed"])
+def test_diff_and_info_are_right_or_fail_never_wrong(
+    emu: Emulator, env: dict[str, str], sid: str, fault: str
+) -> None:
+    """An empty ListChangedBlocks page would read as "nothing changed": refused instead."""
+    child = emu.create_snapshot(blocks={3: os.urandom(BLOCK_SIZE)}, parent=sid)
+    emu.set_faults(**LISTING_FAULTS[fault], max_faults=1)
+    done = run_ebsfuse("diff", sid, child, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert '"changed_blocks": 1' in done.stdout
+    emu.set_faults(max_faults=0)
+    for args in (["diff", sid, child], ["info", sid]):
+        done = run_ebsfuse(*args, "--block-timeout", str(BOUND_S), env=env)
+        assert done.returncode != 0, args
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "MalformedListing" in lines[0], done.stderr
+        assert done.stdout.strip() == ""
