@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import heapq
 import http.client
-import itertools
 import json
 import select
 import socket
@@ -288,77 +286,68 @@ class _Pool:
 class _Alarm:
     """One request's deadline: the socket to cut, and whether it was cut."""
 
-    __slots__ = ("armed", "fired", "sock")
+    __slots__ = ("deadline", "fired", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
-        self.armed = True
+        self.deadline = deadline
         self.fired = False
 
 
 class _Watchdog:
     """Cuts the connection of any request that outlives its deadline; one thread for all.
 
-    A request arms an alarm before it sends and disarms it when the response is read. The
-    thread sleeps until the earliest armed deadline (never less than `TICK_S`, so a thousand
-    requests a second cost a few wake-ups, not a thousand) and shuts the late sockets down,
-    which ends a blocked `recv` at once whatever the server does: trickle, stall or flood.
-    Disarmed alarms leave the heap lazily, and it is rebuilt when they outnumber live ones.
+    A request arms an alarm before it sends and disarms it when the response is read. Every
+    `TICK_S` the thread looks at the armed alarms (at most one per request in flight, so a few
+    dozen) and shuts the late sockets down, which ends a blocked `recv` at once whatever the
+    server does: trickle, stall or flood. A set and a scan cost less per request than a heap
+    (measured with scripts/bench-fetch: 0.50 against 0.52 ms of CPU per block), and a deadline
+    of seconds does not need better than a quarter of a second. Idle, the thread sleeps.
     """
 
     TICK_S = 0.25
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Alarm]] = []
-        self._order = itertools.count()
-        self._armed = 0
+        self._armed: set[_Alarm] = set()
         self._thread: threading.Thread | None = None
 
     def arm(self, sock: socket.socket, deadline: float) -> _Alarm:
-        alarm = _Alarm(sock)
+        alarm = _Alarm(sock, deadline)
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="ebsfuse-deadlines", daemon=True
                 )
                 self._thread.start()
-            heapq.heappush(self._heap, (deadline, next(self._order), alarm))
-            self._armed += 1
-            if len(self._heap) > 2 * self._armed + 1024:
-                self._heap = [entry for entry in self._heap if entry[2].armed]
-                heapq.heapify(self._heap)
-            if self._heap[0][2] is alarm:
+            if not self._armed:
                 self._cond.notify()
+            self._armed.add(alarm)
         return alarm
 
     def disarm(self, alarm: _Alarm) -> bool:
         """Stop watching; True if the deadline had already cut the connection."""
         with self._cond:
-            if alarm.armed:
-                alarm.armed = False
-                self._armed -= 1
+            self._armed.discard(alarm)
             return alarm.fired
 
     def _run(self) -> None:
-        with self._cond:
-            while True:
-                heap = self._heap
-                while heap and not heap[0][2].armed:
-                    heapq.heappop(heap)
-                if not heap:
+        while True:
+            with self._cond:
+                while not self._armed:
                     self._cond.wait()
-                    continue
-                late = heap[0][0] - time.monotonic()
-                if late > 0:
-                    self._cond.wait(max(late, self.TICK_S))
-                    continue
-                _, _, alarm = heapq.heappop(heap)
-                alarm.armed, alarm.fired = False, True
-                self._armed -= 1
+            time.sleep(self.TICK_S)
+            now = time.monotonic()
+            with self._cond:
+                late = [alarm for alarm in self._armed if alarm.deadline <= now]
+                for alarm in late:
+                    self._armed.discard(alarm)
+                    alarm.fired = True
+            for alarm in late:
                 with contextlib.suppress(OSError):
                     # The plain socket's shutdown, also under TLS: it wakes the reader without
-                    # touching the SSL object that thread is using.
+                    # touching the SSL object that thread is using. A socket already closed
+                    # (its owner saw `fired` and dropped it) has no descriptor left to cut.
                     socket.socket.shutdown(alarm.sock, socket.SHUT_RDWR)
 
 
