@@ -131,6 +131,11 @@ def translate(
 ) -> EbsError:
     """Turn whatever boto3, botocore or urllib3 raised into an `EbsError`."""
     if isinstance(exc, EbsError):
+        # One raised below boto3 (the transport's) knows no snapshot or block: this call does.
+        if exc.snapshot_id is None:
+            exc.snapshot_id = snapshot_id
+        if exc.block_index is None:
+            exc.block_index = block_index
         return exc
     where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": block_index}
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -328,6 +333,9 @@ class EbsClient:
         self._fast = FastBlockGetter(
             replace(self.settings, region=region), credentials_provider=session.get_credentials()
         )
+        # boto3's requests (upload's writes, the reference GET) go out through the same
+        # transport, for its total deadline: urllib3's timeout is per socket read.
+        self._ebs.meta.events.register_first("before-send.ebs", self._fast.send_prepared)
 
     def close(self) -> None:
         self._fast.close()

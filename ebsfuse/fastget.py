@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import io
 import json
 import select
 import socket
@@ -39,11 +40,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import boto3
+import botocore.awsrequest
 import botocore.credentials
 import botocore.exceptions
 import botocore.httpsession
@@ -141,8 +143,10 @@ class _Connection:
             raise _ProtocolError("a header line is too long")
         return line
 
-    def exchange(self, request: bytes, max_error_body: int, max_body: int) -> _Response:
-        """Send `request` (a complete head, no body) and read the response.
+    def exchange(
+        self, request: bytes, max_error_body: int, max_body: int, body: bytes = b""
+    ) -> _Response:
+        """Send `request` (a complete head) and `body`, and read the response.
 
         At most `max_error_body` bytes of an error response's body are read; one cut short is
         marked not reusable. A successful response whose body is larger than `max_body` is
@@ -151,6 +155,8 @@ class _Connection:
         """
         self.in_body = False
         self.sock.sendall(request)
+        if body:
+            self.sock.sendall(body)
         while True:
             line = self._line()
             if not line:
@@ -225,6 +231,14 @@ class _Connection:
             self._line()  # the CRLF after the chunk
             if total >= max_body:
                 return b"".join(parts)[:max_body]
+
+
+class _BodyStream(io.BytesIO):
+    """A whole response body, read the way botocore reads urllib3's raw stream."""
+
+    def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Iterator[bytes]:
+        while chunk := self.read(amt):
+            yield chunk
 
 
 class _Oversized(Exception):
@@ -413,10 +427,10 @@ class FastBlockGetter:
         # plain http request goes to the proxy with the absolute URL on its request line.
         self._proxy = _proxy_for(self.endpoint_url)
         self._absolute_prefix = ""
-        self._extra_head = f"User-Agent: {USER_AGENT}\r\n"
+        self._proxy_head = ""
         if self._proxy is not None and self._tls is None:
             self._absolute_prefix = f"http://{self._host}"
-            self._extra_head += "".join(f"{k}: {v}\r\n" for k, v in self._proxy[2].items())
+            self._proxy_head = "".join(f"{k}: {v}\r\n" for k, v in self._proxy[2].items())
         self._pool = _Pool(settings.max_pool_connections)
 
     def _connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
@@ -539,12 +553,62 @@ class FastBlockGetter:
         head = (
             f"GET {self._absolute_prefix}{path}?{query} HTTP/1.1\r\nHost: {self._host}\r\n"
             + "".join(f"{name}: {value}\r\n" for name, value in signed)
-            + self._extra_head
-            + "\r\n"
+            + f"User-Agent: {USER_AGENT}\r\n{self._proxy_head}\r\n"
         ).encode("latin-1")
         limit = REQUEST_BASE_S + max_body / MIN_TRANSFER_RATE
         if timeout is not None:
             limit = min(limit, timeout)
+        response = self._exchange(head, b"", path, max_body, limit, where)
+        if response.status >= 300:
+            raise self._service_error(response, where)
+        return response
+
+    def send_prepared(
+        self, request: botocore.awsrequest.AWSPreparedRequest, **_: Any
+    ) -> botocore.awsrequest.AWSResponse:
+        """A request botocore built and signed, sent here instead of by urllib3.
+
+        Registered by `EbsClient` as the boto3 client's `before-send` handler, so the calls
+        that still go through boto3 (the writes of `upload`, and the reference GET) have the
+        same total deadline and body bound as the lean path: urllib3's timeout is per socket
+        read, which a trickling answer never trips. botocore parses the answer as usual.
+        """
+        parts = urlsplit(request.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        body = request.body
+        if hasattr(body, "read"):
+            body = body.read()
+        data = body.encode() if isinstance(body, str) else bytes(body or b"")
+        request_line = f"{request.method} {self._absolute_prefix}{target} HTTP/1.1"
+        lines = [request_line, f"Host: {self._host}"]
+        for name, value in request.headers.items():
+            if name.lower() not in ("host", "content-length"):
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                lines.append(f"{name}: {text}")
+        if data or request.method in ("PUT", "POST"):
+            lines.append(f"Content-Length: {len(data)}")
+        head = ("\r\n".join(lines) + f"\r\n{self._proxy_head}\r\n").encode("latin-1")
+        # The answer is at most a block (GetSnapshotBlock); the request body at most one too.
+        limit = REQUEST_BASE_S + (len(data) + BLOCK_SIZE) / MIN_TRANSFER_RATE
+        where: dict[str, Any] = {"snapshot_id": None, "block_index": None}
+        response = self._exchange(head, data, parts.path, BLOCK_SIZE, limit, where)
+        return botocore.awsrequest.AWSResponse(
+            request.url,
+            response.status,
+            botocore.awsrequest.HeadersDict(response.headers),
+            _BodyStream(response.body),
+        )
+
+    def _exchange(
+        self,
+        head: bytes,
+        body: bytes,
+        path: str,
+        max_body: int,
+        limit: float,
+        where: dict[str, Any],
+    ) -> _Response:
+        """One request on a pooled or new connection, cut off `limit` seconds from now."""
         deadline = time.monotonic() + limit
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
@@ -558,7 +622,7 @@ class FastBlockGetter:
             else:
                 alarm = _WATCHDOG.arm(conn.sock, deadline)
             phase = "send"
-            response = conn.exchange(head, MAX_ERROR_BODY, max_body)
+            response = conn.exchange(head, MAX_ERROR_BODY, max_body, body)
         except Exception as exc:
             late = alarm is not None and _WATCHDOG.disarm(alarm)
             if conn is not None:
@@ -567,14 +631,12 @@ class FastBlockGetter:
                 conn.close()
             if late:
                 phase = "deadline"
-            raise self._network_error(exc, phase, path, query, where, limit) from None
+            raise self._network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
         if response.reusable and not late:
             self._pool.put(conn)
         else:
             conn.close()
-        if response.status >= 300:
-            raise self._service_error(response, where)
         return response
 
     @staticmethod
@@ -641,7 +703,6 @@ class FastBlockGetter:
         exc: BaseException,
         phase: str,
         path: str,
-        query: str,
         where: dict[str, Any],
         limit: float,
     ) -> EbsError:

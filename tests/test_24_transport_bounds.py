@@ -180,3 +180,26 @@ def test_a_listing_answer_that_is_not_the_services_teaches_nothing(
     assert (error.code, error.retryable) == (code, True)
     assert (error.snapshot_id, error.block_index) == (SID, 5)
     assert error.throttled == (code == "429")
+
+
+@pytest.mark.usefixtures("aws")
+def test_boto3_calls_have_the_total_deadline_too(
+    serve: Callable[[Behaviour], MisbehavingServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upload's writes and the reference GET go through boto3, whose urllib3 timeout is per
+    socket read; sent through the same transport, a trickling answer is cut at the deadline."""
+    monkeypatch.setattr("ebsfuse.fastget.REQUEST_BASE_S", 1.0)  # + 4 s for a block each way
+    server = serve(lambda sock: server.trickle(sock, b"HTTP/1.1 201 Created\r\n" * 1000))
+    client = EbsClient(
+        ClientSettings(endpoint_url=server.endpoint, region="us-east-1", read_timeout_s=300)
+    )
+    try:
+        error, took = failure(lambda: client.put_block(SID, 3, bytes(524288), "AAAA"))
+        assert (error.code, error.retryable) == ("ReadTimeoutError", True)
+        assert (error.snapshot_id, error.block_index) == (SID, 3)
+        assert took < 5.0 + SLACK_S
+        error, _ = failure(lambda: client.get_block_boto3(SID, 4, "AAAA"))
+        assert (error.code, error.block_index) == ("ReadTimeoutError", 4)
+    finally:
+        client.close()
+    assert server.sent > 5  # the answer kept coming, a byte at a time
