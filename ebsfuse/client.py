@@ -48,9 +48,6 @@ READ_TIMEOUT_S = 30.0
 DEFAULT_BUDGET_S = DEFAULT_TIMEOUT_S
 # A retry left with less than this is not started: it could not even connect and answer.
 MIN_ATTEMPT_S = 0.5
-# One request may take at most this share of the budget, so a server that stalls once still
-# leaves time for two more tries (20 s each of the default minute).
-ATTEMPTS_PER_BUDGET = 3
 
 # Errors the service documents as transient, plus the ones seen in the wild.
 _RETRYABLE_CODES = {
@@ -89,13 +86,16 @@ class RetryPolicy:
     # A read gets its bytes, or fails, within this many seconds whatever the server does: no
     # retry starts after it, and the mount gives each request only what is left of it.
     budget_s: float = DEFAULT_BUDGET_S
+    # One request may take at most this share of the budget, so a server that stalls once
+    # still leaves time for two more tries (20 s each of the default minute).
+    attempts_per_budget: int = 3
 
     def max_attempts(self, error: EbsError) -> int:
         return self.throttle_attempts if error.throttled else self.attempts
 
     def attempt_timeout(self, remaining_s: float) -> float:
         """How long the next request may take, with `remaining_s` of the budget left."""
-        return min(remaining_s, self.budget_s / ATTEMPTS_PER_BUDGET)
+        return min(remaining_s, self.budget_s / self.attempts_per_budget)
 
     def retry_delay(self, error: EbsError, attempt: int, remaining_s: float) -> float | None:
         """Seconds to wait before another try after `attempt` failed with `error`, or None to
@@ -436,7 +436,6 @@ class EbsClient:
 
     def get_block_boto3(self, snapshot_id: str, index: int, token: str) -> bytes:
         """The same through boto3: the reference `get_block` is measured and tested against."""
-        where = {"snapshot_id": snapshot_id, "block_index": index}
         try:
             r = self._ebs.get_snapshot_block(
                 SnapshotId=snapshot_id, BlockIndex=index, BlockToken=token
@@ -447,9 +446,14 @@ class EbsClient:
             finally:
                 body.close()
         except Exception as exc:
-            raise translate(exc, **where) from None
+            raise translate(exc, snapshot_id=snapshot_id, block_index=index) from None
         verify_block(
-            data, r.get("DataLength"), r.get("ChecksumAlgorithm"), r.get("Checksum"), **where
+            data,
+            r.get("DataLength"),
+            r.get("ChecksumAlgorithm"),
+            r.get("Checksum"),
+            snapshot_id=snapshot_id,
+            block_index=index,
         )
         return data
 

@@ -85,13 +85,23 @@ class _ProtocolError(Exception):
 class _Response:
     """Status, lower-cased headers and body of one response; `reusable` if keep-alive holds."""
 
-    __slots__ = ("body", "headers", "reusable", "status")
+    __slots__ = ("body", "framed", "headers", "reusable", "status")
 
-    def __init__(self, status: int, headers: dict[str, str], body: bytes, reusable: bool) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str],
+        body: bytes,
+        reusable: bool,
+        framed: bool = True,
+    ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
         self.reusable = reusable
+        # False for a body delimited by the end of the connection: cut by a deadline, it
+        # would look complete.
+        self.framed = framed
 
 
 class _Connection:
@@ -189,10 +199,8 @@ class _Connection:
         if status in (204, 304):
             return _Response(status, headers, b"", keep_alive)
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = self._chunked(max_error_body if error else max_body + 1)
-            if not error and len(body) > max_body:
-                raise _Oversized(None, max_body)
-            return _Response(status, headers, body, keep_alive and not error)
+            body, whole = self._chunked(max_error_body if error else max_body, error=error)
+            return _Response(status, headers, body, keep_alive and whole)
         length_text = headers.get("content-length")
         if length_text is not None:
             if not length_text.isdigit():
@@ -208,9 +216,17 @@ class _Connection:
         body = self.rfile.read((max_error_body if error else max_body) + 1)
         if not error and len(body) > max_body:
             raise _Oversized(None, max_body)
-        return _Response(status, headers, body[:max_error_body] if error else body, False)
+        return _Response(
+            status, headers, body[:max_error_body] if error else body, False, framed=False
+        )
 
-    def _chunked(self, max_body: int) -> bytes:
+    def _chunked(self, max_body: int, *, error: bool) -> tuple[bytes, bool]:
+        """A chunked body of at most `max_body` bytes, and whether it was read to its end.
+
+        The chunk sizes are the server's word: a chunk is never read past the cap. A success
+        that would exceed it is `_Oversized`; an error body is cut there (and the connection
+        is not reused).
+        """
         parts: list[bytes] = []
         total = 0
         while True:
@@ -222,15 +238,19 @@ class _Connection:
             if size == 0:
                 while self._line() not in (b"\r\n", b"\n", b""):
                     pass  # trailer fields
-                return b"".join(parts)
+                return b"".join(parts), True
+            if total + size > max_body:
+                if not error:
+                    raise _Oversized(None, max_body)
+                size = max_body - total
             chunk = self.rfile.read(size)
             if len(chunk) < size:
                 raise _IncompleteBody(total + len(chunk), None)
             parts.append(chunk)
             total += size
+            if total >= max_body and error:
+                return b"".join(parts), False
             self._line()  # the CRLF after the chunk
-            if total >= max_body:
-                return b"".join(parts)[:max_body]
 
 
 class _BodyStream(io.BytesIO):
@@ -239,6 +259,10 @@ class _BodyStream(io.BytesIO):
     def stream(self, amt: int = 65536, decode_content: bool | None = None) -> Iterator[bytes]:
         while chunk := self.read(amt):
             yield chunk
+
+
+class _DeadlinePassed(Exception):
+    """The request's deadline cut the connection while it was being set up (TLS, a tunnel)."""
 
 
 class _Oversized(Exception):
@@ -338,6 +362,14 @@ class _Watchdog:
                 self._cond.notify()
             self._armed.add(alarm)
         return alarm
+
+    def rebind(self, alarm: _Alarm, sock: socket.socket) -> bool:
+        """Watch `sock` instead (TLS wrapped the old one); False if the alarm already fired."""
+        with self._cond:
+            if alarm.fired:
+                return False
+            alarm.sock = sock
+            return True
 
     def disarm(self, alarm: _Alarm) -> bool:
         """Stop watching; True if the deadline had already cut the connection."""
@@ -447,13 +479,20 @@ class FastBlockGetter:
             if self._proxy is not None and self._tls is not None:
                 _tunnel(sock, self._server, self._proxy[2])
             if self._tls is not None:
-                sock = self._tls.wrap_socket(sock, server_hostname=self._server[0])
-                alarm.sock = sock  # the raw socket object is detached by the wrap
+                sock = self._tls.wrap_socket(
+                    sock, server_hostname=self._server[0], do_handshake_on_connect=False
+                )
+                # The wrap detached the raw socket object: watch the new one, then shake hands.
+                if not _WATCHDOG.rebind(alarm, sock):
+                    raise _DeadlinePassed
+                sock.do_handshake()
             # From here each socket operation may wait up to the read timeout (as urllib3).
             sock.settimeout(settings.read_timeout_s)
         except BaseException:
-            _WATCHDOG.disarm(alarm)
+            cut = _WATCHDOG.disarm(alarm)
             sock.close()
+            if cut:
+                raise _DeadlinePassed from None
             raise
         return _Connection(sock), alarm
 
@@ -629,7 +668,7 @@ class FastBlockGetter:
                 if conn.in_body:
                     phase = "body"
                 conn.close()
-            if late:
+            if late or isinstance(exc, _DeadlinePassed):
                 phase = "deadline"
             raise self._network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
@@ -637,6 +676,9 @@ class FastBlockGetter:
             self._pool.put(conn)
         else:
             conn.close()
+        if late and not response.framed:
+            # The end of this body may be the watchdog's cut, not the server's.
+            raise self._network_error(TimeoutError(), "deadline", path, where, limit)
         return response
 
     @staticmethod
@@ -781,7 +823,8 @@ def _proxy_for(url: str) -> tuple[str, int, dict[str, str]] | None:
     parts = urlsplit(url)
     proxies = urllib.request.getproxies_environment()
     proxy_url = proxies.get(parts.scheme)
-    if not proxy_url or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed
+    if not proxy_url or bypass(parts.hostname or "", proxies):
         return None
     if "://" not in proxy_url:
         proxy_url = f"http://{proxy_url}"

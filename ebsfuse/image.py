@@ -14,7 +14,7 @@ from datetime import datetime
 import trio
 
 from . import BLOCK_SIZE, GIB
-from .blockmap import BlockMap
+from .blockmap import DEFAULT_MAX_TOKENS, BlockMap
 from .client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
 from .errors import EbsError
 from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
@@ -72,8 +72,12 @@ class SnapshotImage:
         self.snapshot_id = info.snapshot_id
         self.size = info.size_bytes
         self.start_time = start_time
-        kwargs = {"max_tokens": max_tokens} if max_tokens else {}
-        self.blockmap = BlockMap(info.snapshot_id, info.num_blocks, self._list, **kwargs)
+        self.blockmap = BlockMap(
+            info.snapshot_id,
+            info.num_blocks,
+            self._list,
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        )
         self.blockmap.seed(info.first_page)
         self.reader = SnapshotReader(info.snapshot_id, self.blockmap, ctx)
         self._ctx = ctx
@@ -161,9 +165,10 @@ class SnapshotImage:
                 matched, _ = group.split(EbsError)
                 if matched is None:
                     raise
-                while isinstance(matched, BaseExceptionGroup):
-                    matched = matched.exceptions[0]
-                raise matched from None
+                failure: BaseException = matched
+                while isinstance(failure, BaseExceptionGroup):
+                    failure = failure.exceptions[0]
+                raise failure from None
         # One copy into the reply, from views of the blocks.
         parts = []
         for index in range(first, last + 1):

@@ -15,6 +15,7 @@ size. It follows NextToken through empty pages, retries each page with the clien
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -204,13 +205,14 @@ class BlockLister:
         A token past its refresh time is re-listed first; one the service refuses is
         re-listed and tried once more.
         """
-        token = entry.token if time.time() < entry.refresh_at else self._fresh_token(entry.index)
+        token = entry.token
+        if token is None or time.time() >= entry.refresh_at:
+            token = self._fresh_token(entry.index)
         refreshed = False
         while True:
-            current = token  # bound into the lambda below, per attempt
             try:
                 return call_with_retries(
-                    lambda t=current: client.get_block(self.snapshot_id, entry.index, t),
+                    functools.partial(client.get_block, self.snapshot_id, entry.index, token),
                     policy,
                     sleep=sleep,
                 )

@@ -10,10 +10,10 @@ accepted only if:
 - it is a JSON object (the transport has already checked that the whole body arrived);
 - `VolumeSize` is an integer from 1 to 65,536 GiB (the EBS maximum) and, once the caller knows
   the volume, equal to it; `BlockSize` is present and 524,288;
-- `Blocks` (or `ChangedBlocks`) is a list whose entries each have an integer index inside the
-  volume (for changed blocks, inside the largest EBS volume: the first snapshot may be larger
-  than the second, whose size the page gives) and a token string (for changed blocks: at least
-  one of the two tokens), no index twice;
+- `Blocks` (or `ChangedBlocks`; absent means none) is a list whose entries each have an
+  integer index inside the volume (for changed blocks, inside the largest EBS volume: the first
+  snapshot may be larger than the second, whose size the page gives) and a token string (for
+  changed blocks: at least one of the two tokens), no index twice;
 - `ExpiryTime`, where present, is a time, and `NextToken`, where present, is a string.
 
 Anything else raises a retryable `EbsError` (code `MalformedListing`), never a page: it is
@@ -76,7 +76,7 @@ class _Checker:
 
     def volume(self, doc: dict[str, Any], expected_gib: int | None) -> int:
         gib = doc.get("VolumeSize")
-        if not _is_int(gib):
+        if not isinstance(gib, int) or isinstance(gib, bool):
             self.fail(f"VolumeSize is {_shown(gib)}")
         if not 1 <= gib <= MAX_VOLUME_GIB:
             self.fail(
@@ -87,7 +87,7 @@ class _Checker:
         if expected_gib is not None and gib != expected_gib:
             self.fail(f"VolumeSize {gib} GiB, but the snapshot has {expected_gib} GiB")
         block_size = doc.get("BlockSize")
-        if not _is_int(block_size):
+        if not isinstance(block_size, int) or isinstance(block_size, bool):
             self.fail(f"BlockSize is {_shown(block_size)}")
         if block_size != BLOCK_SIZE:
             self.fail(
@@ -95,18 +95,18 @@ class _Checker:
                 code="UnsupportedBlockSize",
                 retryable=False,
             )
-        return int(gib)
+        return gib
 
     def index(self, entry: dict[str, Any], nblocks: int) -> int:
         value = entry.get("BlockIndex")
         # An integer; a string of digits too (moto sends the index as text).
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
-        if not _is_int(value):
+        if not isinstance(value, int) or isinstance(value, bool):
             self.fail(f"an entry's BlockIndex is {_shown(value)}")
         if not 0 <= value < nblocks:
             self.fail(f"block index {value} is outside the volume's {nblocks} blocks")
-        return int(value)
+        return value
 
     def token(self, entry: dict[str, Any], key: str, *, required: bool) -> str | None:
         value = entry.get(key)
@@ -205,10 +205,6 @@ def changed_page(
 
 def _nblocks(gib: int) -> int:
     return math.ceil(gib * GIB / BLOCK_SIZE)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

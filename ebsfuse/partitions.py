@@ -115,6 +115,8 @@ ReadFn = Callable[[int, int], bytes]
 AsyncReadFn = Callable[[int, int], Awaitable[bytes]]
 # A generator that yields (offset, size) it needs to read, is sent the bytes, returns a table.
 _Scanner = Generator[tuple[int, int], bytes, PartitionTable]
+# The extended boot record walk: the same reads, giving the logical partitions it found.
+_LogicalScanner = Generator[tuple[int, int], bytes, list[Partition]]
 
 
 def parse_partition_table(
@@ -245,7 +247,7 @@ def _parse_mbr(
 
 def _logical_partitions(
     ext_first: int, ext_count: int, disk_size: int, table: PartitionTable
-) -> _Scanner:
+) -> _LogicalScanner:
     """Walk the chain of extended boot records; each holds one logical partition and a link."""
     sector = 512
     out: list[Partition] = []

@@ -48,7 +48,7 @@ import cachetools
 import trio
 
 from .blockmap import BlockMap
-from .client import EbsClient, RetryPolicy
+from .client import MIN_ATTEMPT_S, EbsClient, RetryPolicy
 from .errors import EbsError
 from .stats import ReadStats
 
@@ -56,6 +56,14 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 T = TypeVar("T")
+
+
+class BudgetSpent(EbsError):
+    """No time was left in the budget to send a request (it waited for a slot, or retried)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="ReadTimeout")
+
 
 # How long a failed block fails again at once. The kernel re-issues a failed read straight
 # away (and again in smaller pieces); each would otherwise start a new budget, so a reader
@@ -147,18 +155,28 @@ class FetchContext:
         """`request(timeout)` in a worker thread under the concurrency limit, retried by the
         policy until trio's clock reaches `deadline`; the error raised carries its attempts.
 
-        The one retry loop of the read path: block fetches and the block map's listings.
+        The one retry loop of the read path: block fetches and the block map's listings. The
+        time an attempt may take is worked out when a worker starts it, not before it waits
+        for a slot: queued behind 64 others, a request gets what is left, or is not sent.
         """
+        # Worker threads have no trio clock: the same deadline on the monotonic clock.
+        wall_deadline = time.monotonic() + (deadline - trio.current_time())
         attempt = 1
         while True:
-            if on_attempt is not None:
-                on_attempt()
-            timeout = self.policy.attempt_timeout(deadline - trio.current_time())
             try:
-                return await trio.to_thread.run_sync(
-                    request, timeout, limiter=self.limiter, **_ABANDON_ON_CANCEL
+                result = await trio.to_thread.run_sync(
+                    self._attempt,
+                    request,
+                    wall_deadline,
+                    limiter=self.limiter,
+                    **_ABANDON_ON_CANCEL,
                 )
+            except BudgetSpent as error:
+                error.attempts = attempt - 1
+                raise
             except EbsError as error:
+                if on_attempt is not None:
+                    on_attempt()
                 delay = self.policy.retry_delay(error, attempt, deadline - trio.current_time())
                 if delay is None:
                     error.attempts = attempt
@@ -167,6 +185,17 @@ class FetchContext:
                 log.debug("%s; retrying (attempt %d)", error, attempt)
                 await trio.sleep(delay)
                 attempt += 1
+            else:
+                if on_attempt is not None:
+                    on_attempt()
+                return result
+
+    def _attempt(self, request: Callable[[float], T], wall_deadline: float) -> T:
+        """In a worker thread: `request` with what is left of the budget, if enough is."""
+        left = wall_deadline - time.monotonic()
+        if left < MIN_ATTEMPT_S:
+            raise BudgetSpent(f"the {self.policy.budget_s:g} s budget was spent waiting")
+        return request(self.policy.attempt_timeout(left))
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
         self.failed[key] = (trio.current_time() + FAILED_HOLD_S, error.fresh())
@@ -222,6 +251,9 @@ class SnapshotReader:
     async def read_block(self, index: int) -> bytes | None:
         key = (self.snapshot_id, index)
         ctx = self.ctx
+        # This reader's own budget, from its first ask: leading again after a cancelled or
+        # starved flight it joined does not start a new one.
+        deadline = trio.current_time() + ctx.policy.budget_s
         while True:
             data = ctx.cache.take(key)
             if data is not None:
@@ -234,13 +266,15 @@ class SnapshotReader:
                     # Logged once already, when it failed; this is the kernel asking again.
                     log.debug("%s (failed moments ago)", failure)
                     raise failure
-                return await self._lead(key, prefetch=False)
+                return await self._lead(key, deadline, prefetch=False)
             self.stats.shared_flights += 1
             await flight.event.wait()
             if flight.error is None:
                 if ctx.cache.unread_prefetches.pop(key, None) is not None:
                     self.stats.prefetch_used += 1
                 return flight.data
+            if isinstance(flight.error, BudgetSpent) and not flight.error.attempts:
+                continue  # a prefetch that never got a slot: this reader asks for itself
             if isinstance(flight.error, EbsError):
                 raise flight.error.fresh()
             if not isinstance(flight.error, trio.Cancelled):
@@ -251,9 +285,10 @@ class SnapshotReader:
     def prefetch(self, index: int) -> None:
         """Start fetching `index` in the background unless it is cached or under way."""
         key = (self.snapshot_id, index)
-        if key in self.ctx.cache or key in self.ctx.inflight:
+        ctx = self.ctx
+        if key in ctx.cache or key in ctx.inflight or ctx.recent_failure(key) is not None:
             return
-        if self.ctx.spawn(self._prefetch, key):
+        if ctx.spawn(self._prefetch, key):
             # Registered now, not when the task first runs, so a reader arriving in between
             # joins this flight instead of starting a second request.
             self.ctx.inflight[key] = _Flight()
@@ -262,15 +297,15 @@ class SnapshotReader:
         # Never let a background fetch end the mount; a reader that joined this flight gets
         # the error (logged once by _lead), and so do later reads within FAILED_HOLD_S.
         with contextlib.suppress(Exception):
-            await self._lead(key, prefetch=True)
+            await self._lead(key, trio.current_time() + self.ctx.policy.budget_s, prefetch=True)
 
-    async def _lead(self, key: Key, *, prefetch: bool) -> bytes | None:
+    async def _lead(self, key: Key, deadline: float, *, prefetch: bool) -> bytes | None:
         ctx = self.ctx
         flight = ctx.inflight.get(key)
         if flight is None or not prefetch:
             flight = ctx.inflight[key] = _Flight()
         try:
-            flight.data = await self._load(key[1])
+            flight.data = await self._load(key[1], deadline)
             if flight.data is not None:
                 ctx.cache[key] = flight.data
                 if prefetch:
@@ -279,6 +314,10 @@ class SnapshotReader:
             return flight.data
         except EbsError as error:
             flight.error = error.fresh()
+            if prefetch and isinstance(error, BudgetSpent) and not error.attempts:
+                # Readahead that never got a slot: nothing failed, nothing to remember.
+                log.debug("%s: prefetch of block %d not sent: %s", *key, error)
+                raise
             self.stats.failures += 1
             ctx.remember_failure(key, error)
             log.error("%s (after %d attempts)", error, error.attempts)
@@ -295,15 +334,13 @@ class SnapshotReader:
         data = self.ctx.client.get_block(self.snapshot_id, index, token, timeout=timeout)
         return data, time.monotonic() - started
 
-    async def _load(self, index: int) -> bytes | None:
-        """The verified block, or None for a hole, within the policy's budget."""
-        budget = self.ctx.policy.budget_s
-        deadline = trio.current_time() + budget
+    async def _load(self, index: int, deadline: float) -> bytes | None:
+        """The verified block, or None for a hole, by trio's clock reaching `deadline`."""
         with trio.CancelScope(deadline=deadline + DEADLINE_GRACE_S) as scope:
             return await self._load_by(index, deadline)
         assert scope.cancelled_caught
         raise EbsError(
-            f"no verified block within the {budget:g} s budget",
+            f"no verified block within the {self.ctx.policy.budget_s:g} s budget",
             snapshot_id=self.snapshot_id,
             block_index=index,
             code="ReadTimeout",

@@ -267,3 +267,41 @@ def test_a_cancelled_leader_never_hands_cancelled_to_its_waiters(
     trio.run(main)
     assert outcomes == {"a": "failed", "b": blocks[2][:4096]}
     assert image.reader.ctx.inflight == {}
+
+
+def test_a_request_queued_past_its_budget_is_not_sent(
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+) -> None:
+    """The budget is worked out when a worker takes the request: one that waited for its slot
+    until too little was left fails without a request, and a prefetch that never got a slot
+    is neither logged as a failure nor remembered against the block."""
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    policy = RetryPolicy(attempts=1, throttle_attempts=1, budget_s=1.5, attempts_per_budget=1)
+    client = EbsClient(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    info = describe_snapshot(client, sid, policy)
+    ctx = FetchContext(client, cache_bytes=64 * BLOCK_SIZE, max_concurrency=1, policy=policy)
+    image = SnapshotImage(info, ctx)
+    emu.set_faults(latency_ms=1300)  # the one slot is busy for most of the budget
+
+    async def main() -> None:
+        async with ctx.running():
+            first = trio.Event()
+
+            async def slow_reader() -> None:
+                first.set()
+                assert await image.read(0, 10) == blocks[0][:10]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                await first.wait()
+                await trio.sleep(0.05)  # block 0's request holds the slot
+                image.reader.prefetch(7)  # queued behind it: starved, never sent
+                with pytest.raises(EbsError) as caught:
+                    await image.read(BLOCK_SIZE, 10)  # block 1, queued too
+            assert caught.value.code == "ReadTimeout" and caught.value.attempts == 0
+            assert (sid, 7) not in ctx.failed  # the starved prefetch taught nothing
+            assert (sid, 1) in ctx.failed  # the reader's own failure is held
+
+    before = gets(emu)
+    trio.run(main)
+    assert gets(emu) - before == 1  # only block 0 was ever requested

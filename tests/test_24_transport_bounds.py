@@ -53,6 +53,8 @@ class MisbehavingServer:
                 if not data:
                     return
                 head += data
+                if not head.startswith((b"GET", b"PUT", b"POST")):
+                    break  # not HTTP (a TLS ClientHello): behave at once
             self.behave(sock)
 
     def send(self, sock: socket.socket, data: bytes) -> None:
@@ -203,3 +205,42 @@ def test_boto3_calls_have_the_total_deadline_too(
     finally:
         client.close()
     assert server.sent > 5  # the answer kept coming, a byte at a time
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_chunk_larger_than_a_block_is_refused_unread(
+    serve: Callable[[Behaviour], MisbehavingServer],
+) -> None:
+    """Chunk sizes are the server's word: one announcing 1 GiB is not read into memory."""
+
+    def behave(sock: socket.socket) -> None:
+        server.send(
+            sock, HEAD_512K.replace(b"Content-Length: 524288", b"Transfer-Encoding: chunked")
+        )
+        server.send(sock, b"40000000\r\n")
+        for _ in range(1024):
+            server.send(sock, bytes(1 << 20))
+
+    server = serve(behave)
+    error, _ = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
+    assert (error.code, error.retryable) == ("OversizedBody", True)
+    time.sleep(0.5)
+    assert server.sent < 64 * 1024 * 1024
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_tls_handshake_that_never_comes_ends_at_the_deadline(
+    serve: Callable[[Behaviour], MisbehavingServer],
+) -> None:
+    """The deadline follows the socket into TLS: a server that accepts and never shakes hands
+    (nor closes) is cut at the deadline, not after the per-read timeout."""
+    server = serve(lambda sock: server._stop.wait(60))
+    settings = ClientSettings(
+        endpoint_url=server.endpoint.replace("http://", "https://"),
+        region="us-east-1",
+        read_timeout_s=300,
+    )
+    error, took = failure(lambda: FastBlockGetter(settings).get_block(SID, 0, "AAAA", timeout=1.5))
+    assert (error.code, error.retryable) == ("ReadTimeoutError", True)
+    assert "no whole answer in 1.5 s" in error.message  # the deadline's, not the socket's
+    assert took < 1.5 + SLACK_S

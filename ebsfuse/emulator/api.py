@@ -106,10 +106,14 @@ class Api:
         operation: str,
         params: Mapping[str, str],
         query: Mapping[str, str],
-        headers: Mapping[str, str],
+        headers: Any,
         body: bytes,
     ) -> Response:
-        """Run one operation; raises ApiError for every refusal."""
+        """Run one operation; raises ApiError for every refusal.
+
+        `headers` is the request's header block (`email.message.Message`, case-insensitive
+        `get`), as every handler takes it.
+        """
         return self.handlers[operation](params, query, headers, body)
 
     # Helpers --------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class Emulator:
         """The URL to pass as boto3's endpoint_url, e.g. http://127.0.0.1:8080."""
         if self._server is None:
             raise RuntimeError("the emulator is not started")
-        host, port = self._server.server_address[:2]
+        address, port = self._server.server_address[:2]
+        host = address.decode() if isinstance(address, bytes) else str(address)
         if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
         elif host == "::":

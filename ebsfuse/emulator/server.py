@@ -301,7 +301,9 @@ class Handler(BaseHTTPRequestHandler):
         try:
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             if kind == "trickle":
-                for i in range(len(data)):
+                # At most STALL_MAX_S of it: a client with no deadline must not pin a thread
+                # for the six days 512 KiB take at a byte a second.
+                for i in range(min(len(data), int(STALL_MAX_S / TRICKLE_INTERVAL_S))):
                     if self._client_gone(TRICKLE_INTERVAL_S):
                         return
                     sock.sendall(data[i : i + 1])

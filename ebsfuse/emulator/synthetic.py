@@ -96,8 +96,8 @@ def parse_spec(text: str) -> SyntheticSpec:
     pattern, arg = _pattern(text, fields.get("pattern", "all"))
     snapshot_id = fields.get("id")
     if snapshot_id is None:
-        key = f"{size}|{pattern}|{arg!r}|{seed}".encode()
-        snapshot_id = "snap-" + hashlib.sha256(key).hexdigest()[:17]
+        spec_key = f"{size}|{pattern}|{arg!r}|{seed}".encode()
+        snapshot_id = "snap-" + hashlib.sha256(spec_key).hexdigest()[:17]
     elif not _ID_RE.match(snapshot_id):
         raise SpecError(f"synthetic spec {text!r}: id must look like snap-0123456789abcdef0")
     return SyntheticSpec(size, pattern, arg, seed, snapshot_id)
