@@ -737,7 +737,7 @@ class FastBlockGetter:
         }
         if isinstance(doc.get("Reason"), str):
             response_document["Reason"] = doc["Reason"]
-        client_error = botocore.exceptions.ClientError(response_document, OPERATION)  # type: ignore[arg-type]
+        client_error = botocore.exceptions.ClientError(response_document, OPERATION)
         return translate(client_error, **where)
 
     def _network_error(

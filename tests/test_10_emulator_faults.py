@@ -173,7 +173,7 @@ def test_empty_pages(emulator: Emulator, client: Any) -> None:
 
 
 def test_set_faults_validation(emulator: Emulator) -> None:
-    for bad in [
+    settings: list[dict[str, Any]] = [
         {"fail_rate": 1.5},
         {"truncate_rate": -0.1},
         {"latency_ms": -1},
@@ -181,7 +181,8 @@ def test_set_faults_validation(emulator: Emulator) -> None:
         {"empty_pages": 1},
         {"throttle_rps": "fast"},
         {"no_such_knob": 1},
-    ]:
+    ]
+    for bad in settings:
         with pytest.raises(ValueError):
             emulator.set_faults(**bad)
     assert emulator.faults.fail_rate == 0.0

@@ -181,14 +181,15 @@ def test_report_volume_size(emulator: Emulator, client: Any) -> None:
 
 
 def test_new_fault_settings_are_validated(emulator: Emulator) -> None:
-    for bad in [
+    settings: list[dict[str, Any]] = [
         {"list_fault": "garbled"},
         {"body_fault": 3},
         {"list_fault_rate": 2},
         {"corrupt_rate": -1},
         {"bare_429_rate": "often"},
         {"max_faults": -1},
-    ]:
+    ]
+    for bad in settings:
         with pytest.raises(ValueError):
             emulator.set_faults(**bad)
     assert emulator.faults.list_fault == "cut" and emulator.faults.list_fault_rate == 0

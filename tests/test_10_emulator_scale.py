@@ -66,7 +66,8 @@ def test_synthetic_content_is_deterministic(emulator: Emulator, client: Any) -> 
     assert 0.24 * 16 * 2048 < layer.count() < 0.26 * 16 * 2048
     first = pages[0]
     data = read(client, a, first["BlockIndex"], first["BlockToken"])
-    assert data == layer.block(first["BlockIndex"]).read()
+    block = layer.block(first["BlockIndex"])
+    assert block is not None and data == block.read()
     assert len(data) == BLOCK
 
 

@@ -97,7 +97,9 @@ def test_malformed_start_snapshot_bodies(emulator: Emulator) -> None:
     assert resp.status == 400
     assert resp.json()["Reason"] == "INVALID_VOLUME_SIZE"
     for size in (0, -1, 65537):
-        resp = raw(emulator.endpoint, "POST", "/snapshots", body=json.dumps({"VolumeSize": size}))
+        resp = raw(
+            emulator.endpoint, "POST", "/snapshots", body=json.dumps({"VolumeSize": size}).encode()
+        )
         assert resp.json()["Reason"] == "INVALID_VOLUME_SIZE"
 
 
@@ -152,9 +154,14 @@ def test_garbage_never_gives_500(emulator: Emulator) -> None:
     assert "InternalServerException" not in emulator.counters()["errors"]
 
 
+def address(endpoint: str) -> tuple[str, int]:
+    host, port = urlsplit(endpoint).netloc.split(":")
+    return host, int(port)
+
+
 def test_keep_alive_and_content_length(emulator: Emulator) -> None:
     sid = emulator.create_snapshot(blocks={0: content(1), 3: content(2)})
-    conn = socket.create_connection(urlsplit(emulator.endpoint).netloc.split(":"))
+    conn = socket.create_connection(address(emulator.endpoint))
     try:
         f = conn.makefile("rb")
         tokens = {}
@@ -193,7 +200,7 @@ def _read_head(f: Any) -> tuple[int, dict[str, str]]:
 def test_expect_100_continue_on_put(emulator: Emulator) -> None:
     sid = emulator.create_snapshot(status="pending")
     data = content(9)
-    conn = socket.create_connection(urlsplit(emulator.endpoint).netloc.split(":"))
+    conn = socket.create_connection(address(emulator.endpoint))
     try:
         f = conn.makefile("rb")
         conn.sendall(

@@ -237,7 +237,7 @@ def test_a_cancelled_leader_never_hands_cancelled_to_its_waiters(
     real_get = client.get_block
     failed_once: set[int] = set()
 
-    def get_block(snapshot_id: str, index: int, token: str, **kwargs: object) -> bytes:
+    def get_block(snapshot_id: str, index: int, token: str, **kwargs: float | None) -> bytes:
         if index == 1:
             time.sleep(0.05)
             raise EbsError("denied", code="AccessDeniedException")

@@ -167,11 +167,11 @@ def botocore_authorization(
     )
     fixed = datetime.datetime.strptime(timestamp, "%Y%m%dT%H%M%SZ")
     original = botocore.auth.get_current_datetime
-    botocore.auth.get_current_datetime = lambda: fixed  # type: ignore[assignment]
+    botocore.auth.get_current_datetime = lambda: fixed
     try:
         botocore.auth.SigV4Auth(creds, "ebs", "us-east-1").add_auth(request)
     finally:
-        botocore.auth.get_current_datetime = original  # type: ignore[assignment]
+        botocore.auth.get_current_datetime = original
     return request.headers["Authorization"]
 
 
@@ -279,7 +279,7 @@ def test_throttling_is_marked_throttled(
     sid, _, tokens = snapshot
     emu.set_faults(throttle_rps=1)
     getter = FastBlockGetter(settings(emu.endpoint))
-    outcomes = []
+    outcomes: list[tuple[str | None, str | None, bool, bool] | None] = []
     for index in range(4):
         try:
             getter.get_block(sid, index, tokens[index])

@@ -186,7 +186,7 @@ def test_a_failing_prefetch_never_ends_the_context(emu: Emulator, env: dict[str,
     real_get = image.reader.ctx.client.get_block
     broken = {3}
 
-    def get_block(snapshot_id: str, index: int, token: str, **kwargs: object) -> bytes:
+    def get_block(snapshot_id: str, index: int, token: str, **kwargs: float | None) -> bytes:
         if index in broken:
             raise OSError(28, "No space left on device")  # e.g. the audit log's disk is full
         return real_get(snapshot_id, index, token, **kwargs)

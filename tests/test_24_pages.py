@@ -121,7 +121,7 @@ def client_error(status: int, code: str | None, message: str = "") -> EbsError:
         "Error": {"Code": code or str(status), "Message": message},
         "ResponseMetadata": {"HTTPStatusCode": status},
     }
-    return translate(botocore.exceptions.ClientError(response, "GetSnapshotBlock"))  # type: ignore[arg-type]
+    return translate(botocore.exceptions.ClientError(response, "GetSnapshotBlock"))
 
 
 def test_bare_429_and_untyped_503_are_throttling() -> None:

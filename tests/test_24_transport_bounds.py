@@ -67,6 +67,10 @@ class MisbehavingServer:
                 return
             self.send(sock, data[i : i + 1])
 
+    def say_nothing(self) -> None:
+        """Keep the connection open and silent until the test ends."""
+        self._stop.wait(60)
+
     def close(self) -> None:
         self._stop.set()
         self.listener.close()
@@ -234,7 +238,7 @@ def test_a_tls_handshake_that_never_comes_ends_at_the_deadline(
 ) -> None:
     """The deadline follows the socket into TLS: a server that accepts and never shakes hands
     (nor closes) is cut at the deadline, not after the per-read timeout."""
-    server = serve(lambda sock: server._stop.wait(60))
+    server = serve(lambda sock: server.say_nothing())
     settings = ClientSettings(
         endpoint_url=server.endpoint.replace("http://", "https://"),
         region="us-east-1",

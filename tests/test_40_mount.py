@@ -291,7 +291,7 @@ def test_sigterm_unmounts_cleanly(emu: Emulator, env: dict[str, str], workdir: P
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not os.path.ismount(mnt)
-        assert "Traceback" not in proc.stderr.read()
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,7 +118,7 @@ def upload(env: dict[str, str], image: Path, *args: str) -> dict[str, object]:
     return json.loads(done.stdout)
 
 
-def download(env: dict[str, str], sid: str, dest: Path, *args: str) -> dict[str, object]:
+def download(env: dict[str, str], sid: str, dest: Path, *args: str) -> dict[str, Any]:
     done = run_ebsfuse("download", sid, str(dest), "--json", *args, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
