@@ -417,19 +417,23 @@ class EbsClient:
         Every EBS block is 512 KiB, so a shorter one, though it matches its own headers, would
         shift every later byte of an image: refused here, for the mount and the tools alike.
         The traceback of a failure is dropped: its frames would keep the refused body alive
-        for as long as anyone holds the error.
+        for as long as anyone holds the error. It is raised outside the `except` block, or
+        Python would chain the original (and its frames) to it as `__context__`.
         """
+        failure: EbsError | None = None
         try:
             data = self._fast.get_block(snapshot_id, index, token, timeout=timeout)
-            if len(data) != BLOCK_SIZE:
-                raise EbsError(
-                    f"block of {len(data)} bytes, not {BLOCK_SIZE}",
-                    snapshot_id=snapshot_id,
-                    block_index=index,
-                    code="UnexpectedBlockLength",
-                )
         except EbsError as error:
-            raise error.fresh() from None
+            failure = error.fresh()
+        if failure is not None:
+            raise failure
+        if len(data) != BLOCK_SIZE:
+            raise EbsError(
+                f"block of {len(data)} bytes, not {BLOCK_SIZE}",
+                snapshot_id=snapshot_id,
+                block_index=index,
+                code="UnexpectedBlockLength",
+            )
         if self.audit is not None:
             self.audit.record(snapshot_id, index, len(data), b64_sha256(data))
         return data

@@ -183,12 +183,14 @@ class FetchContext:
                     raise
                 stats.count_retry(error.code)
                 log.debug("%s; retrying (attempt %d)", error, attempt)
-                await trio.sleep(delay)
-                attempt += 1
             else:
                 if on_attempt is not None:
                     on_attempt()
                 return result
+            # The backoff waits outside the `except` block: inside it, the error (and whatever
+            # its frames hold) would stay alive for the whole wait.
+            await trio.sleep(delay)
+            attempt += 1
 
     def _attempt(self, request: Callable[[float], T], wall_deadline: float) -> T:
         """In a worker thread: `request` with what is left of the budget, if enough is."""
