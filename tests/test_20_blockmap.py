@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.blockmap import BlockMap
-from ebsfuse.client import BlockPage
+from ebsfuse.core.blockmap import BlockMap
+from ebsfuse.ebs.client import BlockPage
 
 
 class FakeListing:

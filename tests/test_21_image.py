@@ -13,12 +13,12 @@ import pytest
 import trio
 
 from ebsfuse import BLOCK_SIZE, GIB
-from ebsfuse import blockmap as blockmap_module
-from ebsfuse.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.core import blockmap as blockmap_module
+from ebsfuse.core.image import SnapshotImage, describe_snapshot
+from ebsfuse.core.reader import FetchContext
+from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.ebs.errors import EbsError
 from ebsfuse.emulator import Emulator
-from ebsfuse.errors import EbsError
-from ebsfuse.image import SnapshotImage, describe_snapshot
-from ebsfuse.reader import FetchContext
 
 FAST = RetryPolicy(attempts=4, throttle_attempts=6, base_delay_s=0.01, max_delay_s=0.05)
 

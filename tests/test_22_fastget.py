@@ -30,11 +30,11 @@ import botocore.credentials
 import pytest
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.client import ClientSettings, EbsClient
+from ebsfuse.ebs.client import ClientSettings, EbsClient
+from ebsfuse.ebs.errors import ChecksumMismatch, EbsError
+from ebsfuse.ebs.fastget import FastBlockGetter
+from ebsfuse.ebs.sigv4 import Signer, StaticCredentials
 from ebsfuse.emulator import Emulator
-from ebsfuse.errors import ChecksumMismatch, EbsError
-from ebsfuse.fastget import FastBlockGetter
-from ebsfuse.sigv4 import Signer, StaticCredentials
 
 SNAP = "snap-0123456789abcdef0"
 
@@ -340,7 +340,7 @@ def test_signer_agrees_with_botocore_for_fixed_timestamps(
 ) -> None:
     from urllib.parse import quote
 
-    from ebsfuse.sigv4 import encode_query_value, host_header
+    from ebsfuse.ebs.sigv4 import encode_query_value, host_header
 
     creds = StaticCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "tok")
     signer = Signer("us-east-1", "ebs")

@@ -12,11 +12,11 @@ import random
 import trio
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.core.image import SnapshotImage, describe_snapshot
+from ebsfuse.core.readahead import MAX_WINDOW_BLOCKS, MIN_WINDOW_BLOCKS, ReadaheadWindow
+from ebsfuse.core.reader import FetchContext
+from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
 from ebsfuse.emulator import Emulator
-from ebsfuse.image import SnapshotImage, describe_snapshot
-from ebsfuse.readahead import MAX_WINDOW_BLOCKS, MIN_WINDOW_BLOCKS, ReadaheadWindow
-from ebsfuse.reader import FetchContext
 
 KERNEL_READ = 128 * 1024
 

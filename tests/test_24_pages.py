@@ -1,4 +1,4 @@
-"""Listing pages as evidence (`ebsfuse.pages`), without a server: only a complete, well-formed
+"""Listing pages as evidence (`ebsfuse.ebs.pages`), without a server: only a complete, well-formed
 page becomes a `BlockPage`; anything else raises a retryable error and teaches nothing."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import botocore.exceptions
 import pytest
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.client import translate
-from ebsfuse.errors import EbsError
-from ebsfuse.pages import MAX_VOLUME_GIB, block_page, changed_page
+from ebsfuse.ebs.client import translate
+from ebsfuse.ebs.errors import EbsError
+from ebsfuse.ebs.pages import MAX_VOLUME_GIB, block_page, changed_page
 
 SID = "snap-0123456789abcdef0"
 

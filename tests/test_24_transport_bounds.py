@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ebsfuse.client import ClientSettings, EbsClient
-from ebsfuse.errors import EbsError
-from ebsfuse.fastget import FastBlockGetter
+from ebsfuse.ebs.client import ClientSettings, EbsClient
+from ebsfuse.ebs.errors import EbsError
+from ebsfuse.ebs.fastget import FastBlockGetter
 
 SID = "snap-0123456789abcdef0"
 # Generous: the property is "fails within its deadline, never hangs", not a latency figure.
@@ -194,7 +194,7 @@ def test_boto3_calls_have_the_total_deadline_too(
 ) -> None:
     """Upload's writes and the reference GET go through boto3, whose urllib3 timeout is per
     socket read; sent through the same transport, a trickling answer is cut at the deadline."""
-    monkeypatch.setattr("ebsfuse.fastget.REQUEST_BASE_S", 1.0)  # + 4 s for a block each way
+    monkeypatch.setattr("ebsfuse.ebs.fastget.REQUEST_BASE_S", 1.0)  # + 4 s for a block each way
     server = serve(lambda sock: server.trickle(sock, b"HTTP/1.1 201 Created\r\n" * 1000))
     client = EbsClient(
         ClientSettings(endpoint_url=server.endpoint, region="us-east-1", read_timeout_s=300)

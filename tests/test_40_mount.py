@@ -24,8 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ebsfuse import BLOCK_SIZE, GIB, kernel
+from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.emulator import Emulator
+from ebsfuse.fuse import kernel
 
 from .conftest import (
     MountedSnapshots,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.cli import translate_mount_helper_argv
+from ebsfuse.cli.commands import translate_mount_helper_argv
 from ebsfuse.emulator import Emulator
 
 from .conftest import (

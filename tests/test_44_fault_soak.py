@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from ebsfuse import BLOCK_SIZE
+from ebsfuse.core.reader import FAILED_HOLD_S
 from ebsfuse.emulator import Emulator
-from ebsfuse.reader import FAILED_HOLD_S
 
 from .conftest import MountedSnapshots, daemon_pids, needs_fuse
 

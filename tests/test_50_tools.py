@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from ebsfuse import BLOCK_SIZE, GIB
-from ebsfuse.cli import main as ebsfuse_main
+from ebsfuse.cli.commands import main as ebsfuse_main
 from ebsfuse.emulator import Emulator
 
 from .conftest import needs_root

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 
 from ebsfuse import BLOCK_SIZE, GIB
-from ebsfuse.client import ClientSettings, EbsClient, RetryPolicy
-from ebsfuse.download import DownloadOptions, download_snapshot
+from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
+from ebsfuse.ebs.errors import EbsError
+from ebsfuse.ebs.listing import BlockLister
 from ebsfuse.emulator import Emulator
-from ebsfuse.errors import EbsError
-from ebsfuse.listing import BlockLister
-from ebsfuse.upload import UploadOptions, upload_image
+from ebsfuse.tools.download import DownloadOptions, download_snapshot
+from ebsfuse.tools.upload import UploadOptions, upload_image
 
 from .conftest import ebsfuse_cmd, wait_for
 from .conftest import run_ebsfuse as run_subprocess

@@ -19,14 +19,14 @@ import pytest
 import trio
 
 from ebsfuse import BLOCK_SIZE, GIB
-from ebsfuse.chain import detect_filesystem
-from ebsfuse.emulator import Emulator
-from ebsfuse.partitions import (
+from ebsfuse.core.partitions import (
     HEAD_BYTES,
     detect_partitions,
     parse_partition_table,
     scan_partition_table,
 )
+from ebsfuse.emulator import Emulator
+from ebsfuse.workflows.chain import detect_filesystem
 
 from .conftest import MountedSnapshots, needs_fuse, needs_root
 

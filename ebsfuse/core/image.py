@@ -13,10 +13,10 @@ from datetime import datetime
 
 import trio
 
-from . import BLOCK_SIZE, GIB
+from .. import BLOCK_SIZE, GIB
+from ..ebs.client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
+from ..ebs.errors import EbsError
 from .blockmap import DEFAULT_MAX_TOKENS, BlockMap
-from .client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
-from .errors import EbsError
 from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
 from .reader import FetchContext, SnapshotReader
 

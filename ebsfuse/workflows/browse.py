@@ -31,11 +31,11 @@ import subprocess
 import time
 from types import FrameType
 
+from ..ebs.client import validate_snapshot_id
+from ..ebs.errors import EbsfuseError, UsageError
+from ..fuse.mount import MountOptions, check_fuse_device, setup_daemon_logging, wait_ready
 from .chain import Chain, loop_backing_file, mount_source, pid_alive, runtime_dir
 from .chain import umount as umount_path
-from .client import validate_snapshot_id
-from .errors import EbsfuseError, UsageError
-from .mount import MountOptions, check_fuse_device, setup_daemon_logging, wait_ready
 
 log = logging.getLogger(__name__)
 

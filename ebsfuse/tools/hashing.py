@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy
-from .errors import EbsError, EbsfuseError
-from .listing import BlockLister, ListedBlock
+from .. import BLOCK_SIZE
+from ..ebs.client import EbsClient, RetryPolicy
+from ..ebs.errors import EbsError, EbsfuseError
+from ..ebs.listing import BlockLister, ListedBlock
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -45,10 +45,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
-from . import BLOCK_SIZE, GIB
-from .client import EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
-from .errors import EbsError, EbsfuseError
-from .listing import BlockLister
+from .. import BLOCK_SIZE, GIB
+from ..ebs.client import EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
+from ..ebs.errors import EbsError, EbsfuseError
+from ..ebs.listing import BlockLister
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from . import BLOCK_SIZE, DEFAULT_TIMEOUT_S
+from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
 from .errors import ChecksumMismatch, EbsError
 from .ids import validate_snapshot_id as validate_snapshot_id
 from .pages import BlockPage, ChangedBlock, block_page, changed_page

@@ -30,11 +30,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import BLOCK_SIZE
+from .. import BLOCK_SIZE
+from ..ebs.client import validate_snapshot_id
+from ..ebs.errors import EbsfuseError, UsageError
+from ..fuse.mount import MountOptions
 from .chain import Chain, runtime_dir
-from .client import validate_snapshot_id
-from .errors import EbsfuseError, UsageError
-from .mount import MountOptions
 
 log = logging.getLogger(__name__)
 

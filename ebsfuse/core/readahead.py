@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import BLOCK_SIZE
+from .. import BLOCK_SIZE
 
 # Two blocks (1 MiB) on the first sign of sequential reading: enough to hide one round trip
 # without betting much on a guess.

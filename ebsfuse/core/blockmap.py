@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import EbsError
-from .pages import BlockPage
+from ..ebs.errors import EbsError
+from ..ebs.pages import BlockPage
 
 log = logging.getLogger(__name__)
 

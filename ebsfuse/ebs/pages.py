@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from . import BLOCK_SIZE, GIB
+from .. import BLOCK_SIZE, GIB
 from .errors import EbsError
 
 # The largest EBS volume (and StartSnapshot's VolumeSize limit): 64 TiB.

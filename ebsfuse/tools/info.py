@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
-from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy, validate_snapshot_id
-from .listing import BlockLister
+from .. import BLOCK_SIZE
+from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
+from ..ebs.listing import BlockLister
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy, validate_snapshot_id
-from .errors import EbsfuseError
-from .listing import BlockLister
+from .. import BLOCK_SIZE
+from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
+from ..ebs.errors import EbsfuseError
+from ..ebs.listing import BlockLister
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from . import DEFAULT_TIMEOUT_S, mountinfo
-from .errors import EbsfuseError, UsageError
-from .ids import validate_snapshot_id
+from .. import DEFAULT_TIMEOUT_S
+from ..ebs.errors import EbsfuseError, UsageError
+from ..ebs.ids import validate_snapshot_id
+from . import mountinfo
 
 if TYPE_CHECKING:
-    from .client import EbsClient
+    from ..core.reader import FetchContext
+    from ..ebs.client import EbsClient
     from .fs import SnapshotFS
-    from .reader import FetchContext
 
 # pyfuse3, trio, boto3 and the read path are imported by the daemon only: the command that
 # starts it in the background needs none of them, and starts in a fraction of the time.
@@ -298,10 +299,10 @@ def sd_notify(state: str) -> None:
 
 
 def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS, FetchContext]:
-    from .client import RetryPolicy
+    from ..core.image import SnapshotImage, describe_snapshot
+    from ..core.reader import FetchContext
+    from ..ebs.client import RetryPolicy
     from .fs import SnapshotFS
-    from .image import SnapshotImage, describe_snapshot
-    from .reader import FetchContext
 
     policy = RetryPolicy(budget_s=opts.timeout_s)
     ctx = FetchContext(
@@ -376,7 +377,7 @@ def run_daemon(opts: MountOptions) -> int:
     import pyfuse3
     import trio
 
-    from .client import ClientSettings, EbsClient
+    from ..ebs.client import ClientSettings, EbsClient
 
     readiness = Readiness(opts.ready_fd)
     try:

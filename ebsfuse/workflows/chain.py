@@ -32,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mountinfo
-from .errors import EbsfuseError, UsageError
-from .mount import MountOptions, spawn_daemon
+from ..ebs.errors import EbsfuseError, UsageError
+from ..fuse import mountinfo
+from ..fuse.mount import MountOptions, spawn_daemon
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def runtime_dir() -> str:
 
 
 def human(n: int) -> str:
-    from .progress import human_bytes
+    from ..tools.progress import human_bytes
 
     return human_bytes(n)
 
@@ -345,7 +345,7 @@ class Chain:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's counters for this snapshot ({} if they cannot be read)."""
-        from .fs import STATS_NAME
+        from ..fuse.fs import STATS_NAME
 
         try:
             with open(os.path.join(self.image_dir, STATS_NAME.decode()), "rb") as f:

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from . import BLOCK_SIZE, DEFAULT_TIMEOUT_S, __version__
-from .errors import EbsfuseError, UsageError
+from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S, __version__
+from ..ebs.errors import EbsfuseError, UsageError
 
 if TYPE_CHECKING:
-    from .client import ClientSettings
-    from .mount import MountOptions
+    from ..ebs.client import ClientSettings
+    from ..fuse.mount import MountOptions
 
 PROG = "ebsfuse"
 COMMANDS = (
@@ -107,7 +107,7 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
 
 def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) -> ClientSettings:
     """ClientSettings from the options `add_client_arguments` added."""
-    from .client import ClientSettings
+    from ..ebs.client import ClientSettings
 
     return ClientSettings(
         region=args.region,
@@ -146,7 +146,7 @@ def mount_options(
     args: argparse.Namespace, snapshot_ids: list[str], mountpoint: str, **extra: object
 ) -> MountOptions:
     """MountOptions from the options `add_client_arguments` and `add_daemon_arguments` added."""
-    from .mount import MountOptions
+    from ..fuse.mount import MountOptions
 
     return MountOptions(
         snapshot_ids=snapshot_ids,
@@ -199,8 +199,9 @@ def build_parser() -> OneLineParser:
     st.add_argument("--json", action="store_true", help="print the raw counters as JSON")
     st.set_defaults(func=cmd_stats)
 
-    from . import tools_cli, workflows_cli
-    from .emulator.cli import add_arguments as add_emulator_arguments
+    from ..emulator.cli import add_arguments as add_emulator_arguments
+    from . import tools as tools_cli
+    from . import workflows as workflows_cli
 
     tools_cli.register(sub)
     workflows_cli.register(sub)
@@ -215,7 +216,7 @@ def build_parser() -> OneLineParser:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from .mount import check_options, run_daemon, start_background
+    from ..fuse.mount import check_options, run_daemon, start_background
 
     opts = mount_options(
         args,
@@ -234,8 +235,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from .browse import unmount_browse
-    from .mount import unmount
+    from ..fuse.mount import unmount
+    from ..workflows.browse import unmount_browse
 
     if unmount_browse(args.mountpoint, lazy=args.lazy):  # a browse chain: undo all of it
         return 0
@@ -244,7 +245,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .fs import STATS_NAME
+    from ..fuse.fs import STATS_NAME
 
     path = os.path.join(args.mountpoint, STATS_NAME.decode())
     try:
@@ -288,7 +289,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    from .emulator.cli import run
+    from ..emulator.cli import run
 
     return run(args)
 

@@ -34,11 +34,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import BLOCK_SIZE
-from .errors import EbsError
-from .image import SnapshotImage
-from .partitions import Partition, PartitionTable, detect_partitions
-from .readahead import ReadaheadWindow
+from .. import BLOCK_SIZE
+from ..core.image import SnapshotImage
+from ..core.partitions import Partition, PartitionTable, detect_partitions
+from ..core.readahead import ReadaheadWindow
+from ..ebs.errors import EbsError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import signal
 import sys
 from types import FrameType
 
-from .cli import (
+from .commands import (
     add_client_arguments,
     add_daemon_arguments,
     client_settings,
@@ -120,7 +120,7 @@ def _keeper_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_browse(args: argparse.Namespace) -> int:
-    from .browse import BrowseInterrupted, run_keeper, start_browse
+    from ..workflows.browse import BrowseInterrupted, run_keeper, start_browse
 
     if args.keeper_fd is not None:
         return run_keeper(
@@ -138,8 +138,8 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .chain import human
-    from .restore import RestoreInterrupted, restore
+    from ..workflows.chain import human
+    from ..workflows.restore import RestoreInterrupted, restore
 
     _setup_logging()
     _sigterm_interrupts()
@@ -177,9 +177,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    from .client import EbsClient
-    from .hashing import HashInterrupted, hash_snapshot
-    from .progress import human_bytes, progress_wanted
+    from ..ebs.client import EbsClient
+    from ..tools.hashing import HashInterrupted, hash_snapshot
+    from ..tools.progress import human_bytes, progress_wanted
 
     _setup_logging()
     _sigterm_interrupts()

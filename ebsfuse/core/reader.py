@@ -47,9 +47,9 @@ from typing import TypeVar
 import cachetools
 import trio
 
+from ..ebs.client import MIN_ATTEMPT_S, EbsClient, RetryPolicy
+from ..ebs.errors import EbsError
 from .blockmap import BlockMap
-from .client import MIN_ATTEMPT_S, EbsClient, RetryPolicy
-from .errors import EbsError
 from .stats import ReadStats
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import sys
 from types import FrameType
 from typing import Any
 
-from . import BLOCK_SIZE
-from .cli import add_client_arguments, positive_int, seconds
-from .errors import EbsfuseError
+from .. import BLOCK_SIZE
+from ..ebs.errors import EbsfuseError
+from .commands import add_client_arguments, positive_int, seconds
 
 PROG = "ebsfuse"
 _TAG_RE = re.compile(r"^([^=]{1,127})=(.{0,255})$", re.DOTALL)
@@ -58,7 +58,7 @@ def _volume_gib(text: str) -> int:
 
 def _retry_policy(text: str) -> Any:
     """ATTEMPTS,THROTTLE_ATTEMPTS,BASE_S,MAX_S (hidden: lets tests fail fast)."""
-    from .client import RetryPolicy
+    from ..ebs.client import RetryPolicy
 
     try:
         attempts, throttle, base, cap = text.split(",")
@@ -163,7 +163,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace, pool: int = 16) -> Any:
-    from .client import ClientSettings, EbsClient
+    from ..ebs.client import ClientSettings, EbsClient
 
     return EbsClient(
         ClientSettings(
@@ -176,13 +176,13 @@ def _client(args: argparse.Namespace, pool: int = 16) -> Any:
 
 
 def _policy(args: argparse.Namespace) -> Any:
-    from .client import RetryPolicy
+    from ..ebs.client import RetryPolicy
 
     return dataclasses.replace(args.retry_policy or RetryPolicy(), budget_s=args.block_timeout)
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    from .progress import progress_wanted
+    from ..tools.progress import progress_wanted
 
     return progress_wanted(args.quiet or args.json)
 
@@ -196,7 +196,7 @@ def _interrupted(error: EbsfuseError) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from .upload import UploadInterrupted, UploadOptions, upload_image
+    from ..tools.upload import UploadInterrupted, UploadOptions, upload_image
 
     _setup(args)
     if len(args.tag) > MAX_TAGS:
@@ -232,8 +232,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import DownloadInterrupted, DownloadOptions, download_snapshot
-    from .progress import human_bytes
+    from ..tools.download import DownloadInterrupted, DownloadOptions, download_snapshot
+    from ..tools.progress import human_bytes
 
     _setup(args)
     opts = DownloadOptions(
@@ -262,8 +262,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import ChangedRange, diff_snapshots
-    from .progress import human_bytes
+    from ..tools.diff import ChangedRange, diff_snapshots
+    from ..tools.progress import human_bytes
 
     _setup(args)
     out = sys.stdout
@@ -311,8 +311,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .info import snapshot_info
-    from .progress import human_bytes
+    from ..tools.info import snapshot_info
+    from ..tools.progress import human_bytes
 
     _setup(args)
     info = snapshot_info(

@@ -51,7 +51,7 @@ import botocore.exceptions
 import botocore.httpsession
 import botocore.session
 
-from . import BLOCK_SIZE, __version__
+from .. import BLOCK_SIZE, __version__
 from .client import ClientSettings, translate, verify_block
 from .errors import ChecksumMismatch, EbsError
 from .sigv4 import Credentials, Signer, encode_query_value, host_header

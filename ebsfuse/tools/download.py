@@ -43,10 +43,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import BLOCK_SIZE
-from .client import EbsClient, RetryPolicy, validate_snapshot_id
-from .errors import EbsfuseError
-from .listing import BlockLister, ListedBlock, VolumeInfo
+from .. import BLOCK_SIZE
+from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
+from ..ebs.errors import EbsfuseError
+from ..ebs.listing import BlockLister, ListedBlock, VolumeInfo
 from .progress import Progress
 
 log = logging.getLogger(__name__)
