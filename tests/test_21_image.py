@@ -179,8 +179,9 @@ def test_tokens_are_refreshed_before_they_expire(
 
 
 def test_persistent_failure_gives_an_error_within_the_retry_budget(
-    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
+    emu: Emulator, env: dict[str, str], blocks: dict[int, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("ebsfuse.core.reader.FAILED_HOLD_S", 0.3)
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     image = open_image(emu, sid)
     emu.set_faults(fail_rate=1.0)
@@ -195,7 +196,13 @@ def test_persistent_failure_gives_an_error_within_the_retry_budget(
     trio.run(main)
     assert gets(emu) - before == FAST.attempts
     emu.set_faults(fail_rate=0.0)
-    trio.run(lambda: image.read(BLOCK_SIZE, 10))
+    # Asked again at once, the block fails from memory, without a request; after the hold
+    # it is fetched afresh.
+    with pytest.raises(EbsError):
+        trio.run(lambda: image.read(BLOCK_SIZE, 10))
+    assert gets(emu) - before == FAST.attempts
+    time.sleep(0.4)
+    assert trio.run(lambda: image.read(BLOCK_SIZE, 10)) == blocks[1][:10]
 
 
 def test_faults_never_produce_a_wrong_byte(emu: Emulator, env: dict[str, str]) -> None:

@@ -200,7 +200,8 @@ class FetchContext:
         return request(self.policy.attempt_timeout(left))
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
-        self.failed[key] = (trio.current_time() + FAILED_HOLD_S, error.fresh())
+        # The monotonic clock, not trio's: trio's starts anew (at a random offset) in each run.
+        self.failed[key] = (time.monotonic() + FAILED_HOLD_S, error.fresh())
         self.failed.move_to_end(key)
         while len(self.failed) > MAX_REMEMBERED_FAILURES:
             self.failed.popitem(last=False)
@@ -211,7 +212,7 @@ class FetchContext:
         if entry is None:
             return None
         until, error = entry
-        if trio.current_time() >= until:
+        if time.monotonic() >= until:
             del self.failed[key]
             return None
         return error.fresh()
