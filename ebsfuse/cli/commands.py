@@ -13,23 +13,27 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S, __version__
+from .. import __version__
 from ..ebs.errors import EbsfuseError, UsageError
+from . import tools as tools_cli
+from . import workflows as workflows_cli
+from .options import (
+    PROG,
+    OneLineParser,
+    add_client_arguments,
+    add_daemon_arguments,
+    mount_options,
+)
 
 if TYPE_CHECKING:
-    from ..ebs.client import ClientSettings
-    from ..fuse.mount import MountOptions
+    pass
 
-PROG = "ebsfuse"
 COMMANDS = (
     "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info",
     "browse", "restore", "hash", "emulator",
 )  # fmt: skip
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 # mount(8) and mount.fuse3 pass generic options along; they mean nothing for a read-only
 # snapshot image (always ro, nodev, nosuid in effect), so they are accepted and ignored.
@@ -39,129 +43,6 @@ _GENERIC_MOUNT_OPTIONS = {
     "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
     "auto_unmount", "default_permissions",  # ebsfuse always mounts with these
 }  # fmt: skip
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line, not usage plus error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def parse_size(text: str) -> int:
-    """'256M' -> bytes. K, M, G and T are powers of 1024, as in `--cache-size 2G`."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (use e.g. 512M or 2G)")
-    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    return int(value)
-
-
-def cache_size(text: str) -> int:
-    size = parse_size(text)
-    if size < BLOCK_SIZE:
-        raise argparse.ArgumentTypeError(f"cache size {text!r} is smaller than one 512 KiB block")
-    return size
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return value
-
-
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--region", help="AWS region (default: from the AWS configuration)")
-    p.add_argument("--profile", help="AWS profile from the shared configuration files")
-    p.add_argument(
-        "--endpoint-url",
-        help="EBS endpoint, e.g. an emulator's (AWS_ENDPOINT_URL_EBS is honoured too)",
-    )
-    p.add_argument(
-        "--audit-log",
-        metavar="FILE",
-        help="append one JSON line per verified block fetched (evidence of what was read)",
-    )
-    p.add_argument(
-        "--block-timeout",
-        type=seconds,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="each block is read, retries included, or fails (EIO) within this (default 60)",
-    )
-
-
-def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) -> ClientSettings:
-    """ClientSettings from the options `add_client_arguments` added."""
-    from ..ebs.client import ClientSettings
-
-    return ClientSettings(
-        region=args.region,
-        profile=args.profile,
-        endpoint_url=args.endpoint_url,
-        max_pool_connections=max_pool_connections,
-        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
-    )
-
-
-def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of a mount daemon: `mount`, and the private mounts of browse and restore."""
-    p.add_argument(
-        "--cache-size",
-        type=cache_size,
-        default="256M",
-        help="bytes of verified blocks kept in memory (K/M/G suffixes; default 256M)",
-    )
-    p.add_argument(
-        "--max-concurrency",
-        type=positive_int,
-        default=64,
-        help="GetSnapshotBlock requests in flight at most (default 64)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="daemon log level (default INFO)",
-    )
-    p.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
-
-
-def mount_options(
-    args: argparse.Namespace, snapshot_ids: list[str], mountpoint: str, **extra: object
-) -> MountOptions:
-    """MountOptions from the options `add_client_arguments` and `add_daemon_arguments` added."""
-    from ..fuse.mount import MountOptions
-
-    return MountOptions(
-        snapshot_ids=snapshot_ids,
-        mountpoint=mountpoint,
-        region=args.region,
-        profile=args.profile,
-        endpoint_url=args.endpoint_url,
-        audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
-        cache_bytes=args.cache_size,
-        max_concurrency=args.max_concurrency,
-        timeout_s=args.block_timeout,
-        log_level=args.log_level,
-        log_file=os.path.abspath(args.log_file) if args.log_file else None,
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 def build_parser() -> OneLineParser:
@@ -200,8 +81,6 @@ def build_parser() -> OneLineParser:
     st.set_defaults(func=cmd_stats)
 
     from ..emulator.cli import add_arguments as add_emulator_arguments
-    from . import tools as tools_cli
-    from . import workflows as workflows_cli
 
     tools_cli.register(sub)
     workflows_cli.register(sub)
@@ -245,7 +124,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ..fuse.fs import STATS_NAME
+    from ..core.stats import STATS_NAME
 
     path = os.path.join(args.mountpoint, STATS_NAME.decode())
     try:

@@ -20,9 +20,8 @@ from typing import Any
 
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsfuseError
-from .commands import add_client_arguments, positive_int, seconds
+from .options import PROG, add_client_arguments, positive_int, seconds
 
-PROG = "ebsfuse"
 _TAG_RE = re.compile(r"^([^=]{1,127})=(.{0,255})$", re.DOTALL)
 MAX_TAGS = 50  # the API's limit
 

@@ -16,15 +16,14 @@ import signal
 import sys
 from types import FrameType
 
-from .commands import (
+from .options import (
+    PROG,
     add_client_arguments,
     add_daemon_arguments,
     client_settings,
     mount_options,
     positive_int,
 )
-
-PROG = "ebsfuse"
 
 
 def _partition(text: str) -> int:

@@ -10,8 +10,6 @@ Calls block; the trio side runs them through `trio.to_thread.run_sync`.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
 import random
@@ -26,47 +24,35 @@ from urllib.parse import quote
 import boto3
 import botocore.config
 import botocore.exceptions
-import urllib3.exceptions
 
 from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
-from .errors import ChecksumMismatch, EbsError
+from .errors import EbsError
+from .fastget import FastBlockGetter
 from .ids import validate_snapshot_id as validate_snapshot_id
 from .pages import BlockPage, ChangedBlock, block_page, changed_page
+from .settings import ClientSettings
+from .translate import translate
+from .verify import b64_sha256, verify_block
 
-__all__ = ["BlockPage", "ChangedBlock"]  # re-exported: pages belong to the client's answers
+# Re-exported: callers reach the client's answers, settings and checks through the client.
+__all__ = [
+    "BlockPage",
+    "ChangedBlock",
+    "ClientSettings",
+    "b64_sha256",
+    "translate",
+    "validate_snapshot_id",
+    "verify_block",
+]
 
 log = logging.getLogger(__name__)
 
 
-# Connect fails fast (a loopback or VPC endpoint answers in milliseconds); a read may wait on
-# a slow block but never forever: the service answers a 512 KiB block in tens of milliseconds,
-# so 30 s means something is broken and the attempt is retried.
-CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 30.0
 # Within the budget (DEFAULT_TIMEOUT_S) a transient fault gets several tries; each request has
 # its own deadline of ~22 s (fastget.REQUEST_BASE_S), so a server that stalls gets about three.
 DEFAULT_BUDGET_S = DEFAULT_TIMEOUT_S
 # A retry left with less than this is not started: it could not even connect and answer.
 MIN_ATTEMPT_S = 0.5
-
-# Errors the service documents as transient, plus the ones seen in the wild.
-_RETRYABLE_CODES = {
-    "InternalServerException",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-    "RequestTimeout",
-    "RequestTimeoutException",
-}
-_THROTTLE_CODES = {
-    "RequestThrottledException",
-    "ThrottlingException",
-    "Throttling",
-    "TooManyRequestsException",
-    "SlowDown",
-}
-# Errors no retry can fix: reported at once with the service's reason.
-_FATAL_CODES = {"AccessDeniedException", "ResourceNotFoundException", "ConflictException"}
 
 
 @dataclass(frozen=True)
@@ -109,115 +95,6 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    region: str | None = None
-    profile: str | None = None
-    endpoint_url: str | None = None
-    max_pool_connections: int = 64
-    connect_timeout_s: float = CONNECT_TIMEOUT_S
-    read_timeout_s: float = READ_TIMEOUT_S
-    audit_log: str | None = None
-
-
-def b64_sha256(data: bytes | memoryview) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-
-
-def translate(
-    exc: BaseException, *, snapshot_id: str | None = None, block_index: int | None = None
-) -> EbsError:
-    """Turn whatever boto3, botocore or urllib3 raised into an `EbsError`."""
-    if isinstance(exc, EbsError):
-        # One raised below boto3 (the transport's) knows no snapshot or block: this call does.
-        if exc.snapshot_id is None:
-            exc.snapshot_id = snapshot_id
-        if exc.block_index is None:
-            exc.block_index = block_index
-        return exc
-    where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": block_index}
-    if isinstance(exc, botocore.exceptions.ClientError):
-        response = exc.response
-        err = response.get("Error", {})
-        code = err.get("Code") or "ClientError"
-        message = err.get("Message") or str(exc)
-        reason = response.get("Reason") or err.get("Reason")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        # A bare 429 (a proxy's, with no AWS error type) or an untyped 503 "slow down" asks us
-        # to back off exactly like the service's own throttling answers: botocore's standard
-        # retry mode treats them so too.
-        untyped = code == str(status)
-        throttled = code in _THROTTLE_CODES or status == 429 or (status == 503 and untyped)
-        retryable = (
-            throttled
-            or code in _RETRYABLE_CODES
-            or (code not in _FATAL_CODES and status >= 500)
-            or (code == "ValidationException" and "failed to read block data" in message.lower())
-        )
-        return EbsError(
-            message, code=code, reason=reason, retryable=retryable, throttled=throttled, **where
-        )
-    if isinstance(
-        exc,
-        botocore.exceptions.NoCredentialsError
-        | botocore.exceptions.NoRegionError
-        | botocore.exceptions.ProfileNotFound,
-    ):
-        return EbsError(str(exc), code=type(exc).__name__, **where)
-    if isinstance(exc, botocore.exceptions.ParamValidationError):
-        return EbsError(str(exc), code="ParamValidationError", **where)
-    if isinstance(
-        exc,
-        botocore.exceptions.BotoCoreError
-        | urllib3.exceptions.HTTPError
-        | ConnectionError
-        | TimeoutError
-        | OSError,
-    ):
-        # Connection refused or reset, timeouts, cut bodies: the network, not the request.
-        return EbsError(
-            str(exc) or type(exc).__name__, code=type(exc).__name__, retryable=True, **where
-        )
-    return EbsError(f"{type(exc).__name__}: {exc}", code=type(exc).__name__, **where)
-
-
-def verify_block(
-    data: bytes,
-    expected_length: int | None,
-    algorithm: str | None,
-    checksum: str | None,
-    *,
-    snapshot_id: str,
-    block_index: int,
-) -> None:
-    """Raise ChecksumMismatch unless `data` has the announced length and SHA-256."""
-    where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": block_index}
-    if expected_length is not None and len(data) != expected_length:
-        raise ChecksumMismatch(
-            f"got {len(data)} bytes, the service announced {expected_length}",
-            code="LengthMismatch",
-            retryable=True,
-            **where,
-        )
-    algorithm = algorithm or "SHA256"
-    if algorithm != "SHA256" or not checksum:
-        # Without a checksum nothing can be verified; refuse rather than pass bytes on.
-        raise ChecksumMismatch(
-            f"no SHA256 checksum in the response (algorithm {algorithm!r})",
-            code="ChecksumMissing",
-            retryable=True,
-            **where,
-        )
-    actual = b64_sha256(data)
-    if actual != checksum:
-        raise ChecksumMismatch(
-            f"SHA-256 {actual} does not match the service's {checksum}",
-            code="ChecksumMismatch",
-            retryable=True,
-            **where,
-        )
 
 
 def _page_params(
@@ -328,8 +205,6 @@ class EbsClient:
         # GetSnapshotBlock, the one call on the hot path, skips boto3: about 0.7 ms of CPU per
         # block instead of 2.5-3 ms (scripts/bench-fetch), which is what lets one process
         # approach the service's 1000 blocks/s. Same credentials chain, errors and checks.
-        from .fastget import FastBlockGetter  # it builds on this module's settings and errors
-
         self._fast = FastBlockGetter(
             replace(self.settings, region=region), credentials_provider=session.get_credentials()
         )

@@ -52,9 +52,11 @@ import botocore.httpsession
 import botocore.session
 
 from .. import BLOCK_SIZE, __version__
-from .client import ClientSettings, translate, verify_block
 from .errors import ChecksumMismatch, EbsError
+from .settings import ClientSettings
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
+from .translate import translate
+from .verify import verify_block
 
 CredentialsProvider = Callable[[], Credentials]
 
