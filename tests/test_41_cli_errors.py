@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,21 @@ def test_mount_helper_arguments_translate_to_the_mount_command() -> None:
         "mount", "--region", "eu-west-1", "--cache-size", "1G", "--allow-other",
         "--no-kernel-tuning", "--", "snap-0a", "snap-0b", "/mnt/x",
     ]  # fmt: skip
+
+
+def test_stats_and_help_load_no_fuse_trio_or_boto3(tmp_path: Path) -> None:
+    """`ebsfuse stats` reads a JSON file: it must start light, whatever the mount loads."""
+    doc = {"cache": {"bytes": 0, "limit": 1}, "requests_in_flight": 0, "max_concurrency": 64}
+    (tmp_path / ".ebsfuse-stats").write_text(json.dumps({**doc, "snapshots": {}}))
+    probe = (
+        "import sys\nfrom ebsfuse.cli import main\n"
+        f"main(['stats', {str(tmp_path)!r}])\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = {'pyfuse3', 'trio', 'boto3', 'botocore', 'cachetools', 'urllib3'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+    assert "cache 0 of 0 MiB" in done.stdout

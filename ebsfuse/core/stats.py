@@ -11,6 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# Hidden (not listed, but open-able) file with the mount's counters as JSON, read by
+# `ebsfuse stats MOUNTPOINT`: no socket or extra process needed to ask the daemon. Named here,
+# in a module with no FUSE in it, so that command reads it without loading pyfuse3 or trio.
+STATS_NAME = b".ebsfuse-stats"
+
 # Latency buckets grow by 2^(1/4) (~19%) from 0.1 ms: percentiles within one bucket's width,
 # in a fixed 128 counters whatever the number of requests (up to ~400 s).
 _BUCKET_BASE_S = 1e-4

@@ -38,6 +38,7 @@ from .. import BLOCK_SIZE
 from ..core.image import SnapshotImage
 from ..core.partitions import Partition, PartitionTable, detect_partitions
 from ..core.readahead import ReadaheadWindow
+from ..core.stats import STATS_NAME
 from ..ebs.errors import EbsError
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,6 @@ ATTR_TIMEOUT_S = 3600.0
 ENTRY_TIMEOUT_S = 3600.0
 STATS_INODE = pyfuse3.ROOT_INODE + 1
 FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 2
-# Hidden (not listed, but open-able) file with the mount's counters as JSON, read by
-# `ebsfuse stats MOUNTPOINT`: no socket or extra process needed to ask the daemon.
-STATS_NAME = b".ebsfuse-stats"
 # Partition inodes live far above the image inodes (one per snapshot given, so a few), in one
 # range per image: 2**16 numbers cover GPT's largest real entry counts (128, rarely 256).
 PARTITION_INODE_BASE = 1 << 32

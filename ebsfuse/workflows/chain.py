@@ -345,7 +345,7 @@ class Chain:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's counters for this snapshot ({} if they cannot be read)."""
-        from ..fuse.fs import STATS_NAME
+        from ..core.stats import STATS_NAME
 
         try:
             with open(os.path.join(self.image_dir, STATS_NAME.decode()), "rb") as f:
