@@ -138,7 +138,7 @@ def test_restore_cron_wrapper(emu: Emulator, env: dict[str, str], workdir: Path)
         "EBSFUSE_RUNTIME_DIR": str(workdir / "run"),
     }
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "ebsfuse-restore-cron"), sid, "/docs", str(dest_root)],
+        [installed("ebsfuse-restore-cron"), sid, "/docs", str(dest_root)],
         env=wrapper_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -146,11 +146,18 @@ def test_restore_cron_wrapper(emu: Emulator, env: dict[str, str], workdir: Path)
     assert (run_dir / "docs" / "readme.md").read_bytes() == files["docs/readme.md"]
     # A failing restore: its one line logged, its status returned, no empty dated directory.
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "ebsfuse-restore-cron"), sid, "/nope", str(dest_root)],
+        [installed("ebsfuse-restore-cron"), sid, "/nope", str(dest_root)],
         env=wrapper_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode != 0
     assert [p.name for p in dest_root.iterdir() if not p.name.startswith(".")] == [run_dir.name]
+
+
+def installed(command: str) -> str:
+    """The wrapper as users run it: installed on the PATH with the package (setup.cfg)."""
+    path = shutil.which(command)
+    assert path is not None, f"{command} is not installed with the package"
+    return path
 
 
 def test_evidence_wrapper(emu: Emulator, env: dict[str, str], tmp_path: Path) -> None:
@@ -158,7 +165,7 @@ def test_evidence_wrapper(emu: Emulator, env: dict[str, str], tmp_path: Path) ->
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     evidence = tmp_path / "case-42"
     done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "ebsfuse-evidence"), sid, str(evidence)],
+        [installed("ebsfuse-evidence"), sid, str(evidence)],
         env={**env, "EBSFUSE": str(Path(sys.executable).parent / "ebsfuse")},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
