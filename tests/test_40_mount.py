@@ -390,3 +390,22 @@ def test_kernel_readahead_is_raised_unless_asked_not_to(
                 assert value != kernel.READ_AHEAD_KB  # the kernel's own default
             else:
                 assert value == expected
+
+
+def test_stats_show_the_shared_request_rate(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    """Throttling answers teach the mount's one rate limiter, and `ebsfuse stats` shows it."""
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(48)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--max-rps", "200") as mount:
+        emu.set_faults(throttle_rps=15)
+        with open(mount.image(), "rb") as f:
+            for index in range(48):
+                assert f.read(BLOCK_SIZE) == blocks[index], index
+        done = run_ebsfuse("stats", "--json", str(mount.mountpoint), env=env, check=True)
+        rate = json.loads(done.stdout)["rate"]
+        assert rate["max_rps"] == 200 and rate["throttles"] > 0 and rate["rate_cuts"] > 0
+        assert rate["rps"] is not None and rate["rps"] <= 200
+        human = run_ebsfuse("stats", str(mount.mountpoint), env=env, check=True).stdout
+        assert "requests/s, at most 200" in human and "throttling answers" in human

@@ -32,6 +32,7 @@ from .conftest import (
     mounts_under,
     needs_fuse,
     run_ebsfuse,
+    wait_for,
 )
 
 pytestmark = needs_fuse
@@ -125,6 +126,24 @@ def assert_fails_within_the_bound(mount: MountedSnapshots, snapshot_id: str, ind
     assert daemon_pids(mount.mountpoint), "the daemon died"
 
 
+def reads_again(mount: MountedSnapshots, index: int, expected: bytes) -> None:
+    """Once the faults stop, the daemon serves the block right. Not always at the first try: a
+    storm of throttling answers leaves the shared request rate low for a few seconds, and a
+    read refused a turn within the short bound fails (it never returns wrong bytes)."""
+    got: list[bytes] = []
+
+    def attempt() -> bool:
+        try:
+            got.append(read_block(mount, index))
+        except OSError as error:
+            assert error.errno == errno.EIO
+            return False
+        return True
+
+    wait_for(attempt, timeout=60, what=f"block {index} to read again")
+    assert got[-1] == expected
+
+
 def failed_moments_ago(mount: MountedSnapshots) -> str:
     return "\n".join(line for line in mount.log().splitlines() if "(failed moments ago)" in line)
 
@@ -168,7 +187,7 @@ def test_a_listing_fault_always_gives_eio_never_zeros(
     # Nothing was learned from the broken pages: once the service answers properly, a block
     # of that range reads right (it would read as zeros had a page made it a hole).
     emu.set_faults(list_fault_rate=0.0, bare_429_rate=0.0)
-    assert read_block(mount, LISTED_LATER + 2) == blocks[LISTED_LATER + 2]
+    reads_again(mount, LISTED_LATER + 2, blocks[LISTED_LATER + 2])
 
 
 def test_a_listing_for_another_volume_size_is_refused(
@@ -178,7 +197,7 @@ def test_a_listing_for_another_volume_size_is_refused(
     assert_fails_within_the_bound(mount, sid, LISTED_LATER)
     assert_one_line_for_the_failed_block(mount, sid, LISTED_LATER, "MalformedListing")
     emu.set_faults(report_volume_size=0)
-    assert read_block(mount, LISTED_LATER + 1) == blocks[LISTED_LATER + 1]
+    reads_again(mount, LISTED_LATER + 1, blocks[LISTED_LATER + 1])
 
 
 @pytest.mark.parametrize("fault", sorted(BLOCK_FAULTS))
@@ -199,7 +218,7 @@ def test_a_block_fault_always_gives_eio_within_the_bound(
     assert_fails_within_the_bound(mount, sid, SEEDED)
     assert_one_line_for_the_failed_block(mount, sid, SEEDED, EXPECTED_CODE[fault])
     emu.set_faults(body_fault_rate=0.0, corrupt_rate=0.0, bare_429_rate=0.0)
-    assert read_block(mount, SEEDED + 20) == blocks[SEEDED + 20]
+    reads_again(mount, SEEDED + 20, blocks[SEEDED + 20])
 
 
 @pytest.mark.parametrize("gib", [70000, 2**40])

@@ -517,3 +517,19 @@ def test_upload_wait_and_timeout(emu: Emulator, env: dict[str, str], workdir: Pa
     plain = run_ebsfuse("upload", str(image), env=env)
     assert plain.returncode == 0 and plain.stdout.strip().startswith("snap-")
     assert plain.stderr == ""
+
+
+def test_download_and_diff_honour_audit_log_and_max_rps(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    """The tools' client is built from every client option (it once dropped --audit-log)."""
+    blocks = {0: rand(), 5: rand(), 9: rand()}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    audit = workdir / "audit.jsonl"
+    result = download(env, sid, workdir / "out.img", "--audit-log", str(audit), "--max-rps", "50")
+    assert result["blocks_fetched"] == 3
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sorted(line["block"] for line in lines) == [0, 5, 9]
+    assert all(line["snapshot"] == sid and line["bytes"] == BLOCK_SIZE for line in lines)
+    bad = run_ebsfuse("download", sid, str(workdir / "x.img"), "--max-rps", "0", env=env)
+    assert bad.returncode == 2 and "--max-rps" in bad.stderr and len(bad.stderr.splitlines()) == 1

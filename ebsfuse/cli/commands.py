@@ -142,6 +142,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"cache {cache['bytes'] / 2**20:.0f} of {cache['limit'] / 2**20:.0f} MiB, "
         f"{stats['requests_in_flight']} requests in flight (max {stats['max_concurrency']})"
     )
+    rate = stats.get("rate")
+    if rate is not None:
+        now = "no limit" if rate["rps"] is None else f"{rate['rps']} requests/s"
+        cap = f", at most {rate['max_rps']:g}" if rate["max_rps"] else ""
+        print(
+            f"rate {now}{cap}; {rate['throttles']} throttling answers, "
+            f"{rate['rate_cuts']} cuts, {rate['waited_s']:.1f} s waited"
+        )
     for sid, s in stats["snapshots"].items():
         lat = s["latency_ms"]
         retries = ", ".join(f"{k} {v}" for k, v in s["retries"].items()) or "none"
@@ -212,8 +220,8 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
         if key_flag in ("allow-other", "foreground", "no-kernel-tuning"):
             out_flags.append(f"--{key_flag}")
         elif key_flag in (
-            "region", "profile", "endpoint-url", "cache-size", "max-concurrency", "block-timeout",
-            "log-level", "log-file", "audit-log",
+            "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
+            "block-timeout", "max-rps", "log-level", "log-file", "audit-log",
         ):  # fmt: skip
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")

@@ -56,6 +56,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -85,6 +95,12 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="each block is read, retries included, or fails (EIO) within this (default 60)",
     )
+    p.add_argument(
+        "--max-rps",
+        type=positive_float,
+        metavar="N",
+        help="requests per second to the endpoint at most (default: what throttling allows)",
+    )
 
 
 def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) -> ClientSettings:
@@ -97,6 +113,7 @@ def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) ->
         endpoint_url=args.endpoint_url,
         max_pool_connections=max_pool_connections,
         audit_log=os.path.abspath(args.audit_log) if args.audit_log else None,
+        max_rps=args.max_rps,
     )
 
 
@@ -140,6 +157,7 @@ def mount_options(
         cache_bytes=args.cache_size,
         max_concurrency=args.max_concurrency,
         timeout_s=args.block_timeout,
+        max_rps=args.max_rps,
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         **extra,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsfuseError
-from .options import PROG, add_client_arguments, positive_int, seconds
+from .options import PROG, add_client_arguments, client_settings, positive_int, seconds
 
 _TAG_RE = re.compile(r"^([^=]{1,127})=(.{0,255})$", re.DOTALL)
 MAX_TAGS = 50  # the API's limit
@@ -162,16 +162,10 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace, pool: int = 16) -> Any:
-    from ..ebs.client import ClientSettings, EbsClient
+    from ..ebs.client import EbsClient
 
-    return EbsClient(
-        ClientSettings(
-            region=args.region,
-            profile=args.profile,
-            endpoint_url=args.endpoint_url,
-            max_pool_connections=pool,
-        )
-    )
+    # Every option of add_client_arguments, --audit-log and --max-rps included.
+    return EbsClient(client_settings(args, pool))
 
 
 def _policy(args: argparse.Namespace) -> Any:

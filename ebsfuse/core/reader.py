@@ -48,7 +48,7 @@ import cachetools
 import trio
 
 from ..ebs.client import MIN_ATTEMPT_S, EbsClient, RetryPolicy
-from ..ebs.errors import EbsError
+from ..ebs.errors import EbsError, NotSent
 from .blockmap import BlockMap
 from .stats import ReadStats
 
@@ -56,13 +56,6 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 T = TypeVar("T")
-
-
-class BudgetSpent(EbsError):
-    """No time was left in the budget to send a request (it waited for a slot, or retried)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="ReadTimeout")
 
 
 # How long a failed block fails again at once. The kernel re-issues a failed read straight
@@ -162,6 +155,7 @@ class FetchContext:
         # Worker threads have no trio clock: the same deadline on the monotonic clock.
         wall_deadline = time.monotonic() + (deadline - trio.current_time())
         attempt = 1
+        last: EbsError | None = None  # the service's last answer, traceback-free
         while True:
             try:
                 result = await trio.to_thread.run_sync(
@@ -171,9 +165,11 @@ class FetchContext:
                     limiter=self.limiter,
                     **_ABANDON_ON_CANCEL,
                 )
-            except BudgetSpent as error:
-                error.attempts = attempt - 1
-                raise
+            except NotSent as error:
+                # No time for another request: what the service said last is the story.
+                final = error if last is None else last
+                final.attempts = attempt - 1
+                raise final from None
             except EbsError as error:
                 if on_attempt is not None:
                     on_attempt()
@@ -183,6 +179,7 @@ class FetchContext:
                     raise
                 stats.count_retry(error.code)
                 log.debug("%s; retrying (attempt %d)", error, attempt)
+                last = error.fresh()
             else:
                 if on_attempt is not None:
                     on_attempt()
@@ -196,7 +193,7 @@ class FetchContext:
         """In a worker thread: `request` with what is left of the budget, if enough is."""
         left = wall_deadline - time.monotonic()
         if left < MIN_ATTEMPT_S:
-            raise BudgetSpent(f"the {self.policy.budget_s:g} s budget was spent waiting")
+            raise NotSent(f"the {self.policy.budget_s:g} s budget was spent waiting")
         return request(self.policy.attempt_timeout(left))
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
@@ -276,7 +273,7 @@ class SnapshotReader:
                 if ctx.cache.unread_prefetches.pop(key, None) is not None:
                     self.stats.prefetch_used += 1
                 return flight.data
-            if isinstance(flight.error, BudgetSpent) and not flight.error.attempts:
+            if isinstance(flight.error, NotSent) and not flight.error.attempts:
                 continue  # a prefetch that never got a slot: this reader asks for itself
             if isinstance(flight.error, EbsError):
                 raise flight.error.fresh()
@@ -317,7 +314,7 @@ class SnapshotReader:
             return flight.data
         except EbsError as error:
             flight.error = error.fresh()
-            if prefetch and isinstance(error, BudgetSpent) and not error.attempts:
+            if prefetch and isinstance(error, NotSent) and not error.attempts:
                 # Readahead that never got a slot: nothing failed, nothing to remember.
                 log.debug("%s: prefetch of block %d not sent: %s", *key, error)
                 raise

@@ -30,6 +30,7 @@ from .errors import EbsError
 from .fastget import FastBlockGetter
 from .ids import validate_snapshot_id as validate_snapshot_id
 from .pages import BlockPage, ChangedBlock, block_page, changed_page
+from .ratelimit import RateLimiter
 from .settings import ClientSettings
 from .translate import translate
 from .verify import b64_sha256, verify_block
@@ -211,6 +212,11 @@ class EbsClient:
         # boto3's requests (upload's writes, the reference GET) go out through the same
         # transport, for its total deadline: urllib3's timeout is per socket read.
         self._ebs.meta.events.register_first("before-send.ebs", self._fast.send_prepared)
+
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The process's request rate to this client's endpoint (shared with other clients)."""
+        return self._fast.limiter
 
     def close(self) -> None:
         self._fast.close()

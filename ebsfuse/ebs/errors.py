@@ -80,3 +80,11 @@ class EbsError(EbsfuseError):
 
 class ChecksumMismatch(EbsError):
     """A block whose bytes do not match the SHA-256 or length the service sent with it."""
+
+
+class NotSent(EbsError):
+    """No request went out: no time was left for it (the budget was spent waiting for a slot
+    or a retry, or the shared request rate gives no turn before the deadline)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="ReadTimeout")

@@ -52,10 +52,11 @@ import botocore.httpsession
 import botocore.session
 
 from .. import BLOCK_SIZE, __version__
-from .errors import ChecksumMismatch, EbsError
+from .errors import ChecksumMismatch, EbsError, NotSent
+from .ratelimit import RateLimiter
 from .settings import ClientSettings
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
-from .translate import translate
+from .translate import is_throttling, translate
 from .verify import verify_block
 
 CredentialsProvider = Callable[[], Credentials]
@@ -401,6 +402,20 @@ class _Watchdog:
 
 _WATCHDOG = _Watchdog()
 
+_LIMITERS: dict[str, RateLimiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def limiter_for(endpoint_url: str, max_rps: float | None) -> RateLimiter:
+    """The process's one rate limiter for `endpoint_url`: every client to it shares it."""
+    with _LIMITERS_LOCK:
+        limiter = _LIMITERS.get(endpoint_url)
+        if limiter is None:
+            limiter = _LIMITERS[endpoint_url] = RateLimiter(max_rps)
+        elif max_rps is not None:
+            limiter.max_rps = min(max_rps, limiter.max_rps or max_rps)
+        return limiter
+
 
 class FastBlockGetter:
     """GetSnapshotBlock without boto3 on the request path; thread-safe, blocking.
@@ -466,6 +481,7 @@ class FastBlockGetter:
             self._absolute_prefix = f"http://{self._host}"
             self._proxy_head = "".join(f"{k}: {v}\r\n" for k, v in self._proxy[2].items())
         self._pool = _Pool(settings.max_pool_connections)
+        self.limiter = limiter_for(self.endpoint_url, settings.max_rps)
 
     def _connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
         """A new connection (TCP within the connect timeout, then TLS, through a tunnel),
@@ -651,6 +667,14 @@ class FastBlockGetter:
     ) -> _Response:
         """One request on a pooled or new connection, cut off `limit` seconds from now."""
         deadline = time.monotonic() + limit
+        if not self.limiter.acquire(deadline):
+            rate = self.limiter.rps or 0.0
+            error = NotSent(
+                f"the request rate ({rate:.1f}/s, lowered by throttling or --max-rps) "
+                f"leaves no turn within {limit:.1f} s"
+            )
+            error.snapshot_id, error.block_index = where["snapshot_id"], where["block_index"]
+            raise error
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
         phase = "connect"
@@ -674,6 +698,9 @@ class FastBlockGetter:
                 phase = "deadline"
             raise self._network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
+        error_type = response.headers.get("x-amzn-errortype", "").split(":", 1)[0]
+        if response.status >= 300 and is_throttling(response.status, error_type or None):
+            self.limiter.throttled()  # the rate grows back with time, not per success
         if response.reusable and not late:
             self._pool.put(conn)
         else:

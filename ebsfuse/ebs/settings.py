@@ -23,3 +23,6 @@ class ClientSettings:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     read_timeout_s: float = READ_TIMEOUT_S
     audit_log: str | None = None
+    # Requests per second to this endpoint at most, for every request of the process (None:
+    # only what throttling teaches; see ratelimit.py).
+    max_rps: float | None = None

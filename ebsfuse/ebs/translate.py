@@ -33,6 +33,13 @@ _THROTTLE_CODES = {
 _FATAL_CODES = {"AccessDeniedException", "ResourceNotFoundException", "ConflictException"}
 
 
+def is_throttling(status: int, code: str | None) -> bool:
+    """Whether an answer asks us to slow down: a throttling error type, or a 429 or an untyped
+    503 (a proxy's, a load balancer's), as botocore's standard retry mode reads them too."""
+    untyped = not code or code == str(status)
+    return code in _THROTTLE_CODES or status == 429 or (status == 503 and untyped)
+
+
 def translate(
     exc: BaseException, *, snapshot_id: str | None = None, block_index: int | None = None
 ) -> EbsError:
@@ -52,11 +59,7 @@ def translate(
         message = err.get("Message") or str(exc)
         reason = response.get("Reason") or err.get("Reason")
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        # A bare 429 (a proxy's, with no AWS error type) or an untyped 503 "slow down" asks us
-        # to back off exactly like the service's own throttling answers: botocore's standard
-        # retry mode treats them so too.
-        untyped = code == str(status)
-        throttled = code in _THROTTLE_CODES or status == 429 or (status == 503 and untyped)
+        throttled = is_throttling(status, code)
         retryable = (
             throttled
             or code in _RETRYABLE_CODES

@@ -304,6 +304,7 @@ class SnapshotFS(pyfuse3.Operations):
             "cache": {"bytes": ctx.cache.current_bytes, "limit": ctx.cache_bytes},
             "requests_in_flight": len(ctx.inflight),
             "max_concurrency": ctx.max_concurrency,
+            "rate": ctx.client.rate_limiter.snapshot(),
             "snapshots": snapshots,
         }
 

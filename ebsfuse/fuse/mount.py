@@ -64,6 +64,7 @@ class MountOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     timeout_s: float = DEFAULT_TIMEOUT_S
+    max_rps: float | None = None
     foreground: bool = False
     allow_other: bool = False
     log_level: str = "INFO"
@@ -93,6 +94,8 @@ class MountOptions:
         argv += ["--cache-size", str(self.cache_bytes)]
         argv += ["--max-concurrency", str(self.max_concurrency)]
         argv += ["--block-timeout", repr(self.timeout_s)]
+        if self.max_rps is not None:
+            argv += ["--max-rps", repr(self.max_rps)]
         argv += ["--log-level", self.log_level]
         if self.allow_other:
             argv.append("--allow-other")
@@ -396,6 +399,7 @@ def run_daemon(opts: MountOptions) -> int:
                 profile=opts.profile,
                 endpoint_url=opts.endpoint_url,
                 max_pool_connections=opts.max_concurrency,
+                max_rps=opts.max_rps,
                 audit_log=opts.audit_log,
             )
         )
