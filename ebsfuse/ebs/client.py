@@ -49,9 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-# Within the budget (DEFAULT_TIMEOUT_S) a transient fault gets several tries; each request has
-# its own deadline of ~22 s (fastget.REQUEST_BASE_S), so a server that stalls gets about three.
-DEFAULT_BUDGET_S = DEFAULT_TIMEOUT_S
 # A retry left with less than this is not started: it could not even connect and answer.
 MIN_ATTEMPT_S = 0.5
 
@@ -71,8 +68,9 @@ class RetryPolicy:
     base_delay_s: float = 0.2
     max_delay_s: float = 5.0
     # A read gets its bytes, or fails, within this many seconds whatever the server does: no
-    # retry starts after it, and the mount gives each request only what is left of it.
-    budget_s: float = DEFAULT_BUDGET_S
+    # retry starts after it, and the mount gives each request only what is left of it. Within
+    # it a transient fault gets several tries; a server that stalls gets three (one third each).
+    budget_s: float = DEFAULT_TIMEOUT_S
     # One request may take at most this share of the budget, so a server that stalls once
     # still leaves time for two more tries (20 s each of the default minute).
     attempts_per_budget: int = 3
