@@ -87,4 +87,6 @@ class NotSent(EbsError):
     or a retry, or the shared request rate gives no turn before the deadline)."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, code="ReadTimeout")
+        # Retryable: a tool's retry loop waits and tries again while its budget lasts (the
+        # mount's reader stops at once, its budget being what ran out).
+        super().__init__(message, code="ReadTimeout", retryable=True)
