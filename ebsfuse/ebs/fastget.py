@@ -1,10 +1,19 @@
-"""The lean GetSnapshotBlock path: one signed GET, one read, one SHA-256, no boto3 per request.
+"""The lean HTTP transport: every request to the EBS endpoint, within a deadline and a bound.
 
 `FastBlockGetter.get_block` keeps `EbsClient.get_block`'s contract exactly -- one request, no
 internal retries, bytes returned only after the length (`x-amz-Data-Length`) and the base64
 SHA-256 (`x-amz-Checksum`) match, every failure an `EbsError` with the code, reason and
-`retryable` / `throttled` / `token_refused` meaning that `client.translate` gives for boto3 --
-at about a third of boto3's CPU per 512 KiB block (see scripts/bench-fetch).
+`retryable` / `throttled` / `token_refused` meaning that `translate` gives for boto3 -- at
+about a third of boto3's CPU per 512 KiB block (see scripts/bench-fetch). `get_json` carries
+the list calls the same way, and `send_prepared` the requests boto3 still builds (botocore's
+`before-send` hook), so every request of the process shares what this module enforces:
+- a total deadline per request (`_Watchdog` cuts the socket; a per-read timeout alone never
+  ends a body that trickles a byte a second), REQUEST_BASE_S plus the body at
+  MIN_TRANSFER_RATE, shortened by the caller's budget;
+- bounded bodies: a success announcing (or sending, chunked) more than the request can take
+  is refused before it is read, an error body is cut at MAX_ERROR_BODY;
+- one request rate per process and endpoint (`ratelimit.RateLimiter`), told of every
+  throttling answer.
 
 Where the time goes, and what is done about it (client CPU per block, scripts/bench-fetch):
 - boto3 spends ~2 ms per call in its event hooks, parameter validation, serialisation, its
