@@ -6,6 +6,7 @@ FUSE. It knows nothing of pyfuse3.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -85,18 +86,15 @@ class SnapshotImage:
     async def _list(self, start_index: int | None, next_token: str | None) -> BlockPage:
         """One checked page for the block map, retried within the policy's budget."""
         ctx = self._ctx
-
-        def list_page(timeout: float) -> BlockPage:
-            return ctx.client.list_blocks(
-                self.snapshot_id,
-                start_index=start_index,
-                next_token=next_token,
-                volume_size_gib=self.info.volume_size_gib,
-                timeout=timeout,
-            )
-
+        request = functools.partial(
+            ctx.client.list_blocks,
+            self.snapshot_id,
+            start_index=start_index,
+            next_token=next_token,
+            volume_size_gib=self.info.volume_size_gib,
+        )
         deadline = trio.current_time() + ctx.policy.budget_s
-        return await ctx.with_retries(list_page, self.reader.stats, deadline)
+        return await ctx.with_retries(request, self.reader.stats, deadline)
 
     def new_window(self) -> ReadaheadWindow:
         """A readahead window for one open file.

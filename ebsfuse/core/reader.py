@@ -140,23 +140,26 @@ class FetchContext:
 
     async def with_retries(
         self,
-        request: Callable[[float], T],
+        request: Callable[..., T],
         stats: ReadStats,
         deadline: float,
-        on_attempt: Callable[[], None] | None = None,
+        *,
+        count_requests: bool = False,
     ) -> T:
-        """`request(timeout)` in a worker thread under the concurrency limit, retried by the
-        policy until trio's clock reaches `deadline`; the error raised carries its attempts.
+        """`request(timeout=...)` in a worker thread under the concurrency limit, retried by
+        the policy until trio's clock reaches `deadline`; the error raised carries its attempts.
 
-        The one retry loop of the read path: block fetches and the block map's listings. The
-        time an attempt may take is worked out when a worker starts it, not before it waits
-        for a slot: queued behind 64 others, a request gets what is left, or is not sent.
+        The one retry loop of the read path: block fetches (`count_requests` adds each attempt
+        to `stats.get_requests`) and the block map's listings. The time an attempt may take is
+        worked out when a worker starts it, not before it waits for a slot: queued behind 64
+        others, a request gets what is left, or is not sent.
         """
         # Worker threads have no trio clock: the same deadline on the monotonic clock.
         wall_deadline = time.monotonic() + (deadline - trio.current_time())
         attempt = 1
         last: EbsError | None = None  # the service's last answer, traceback-free
         while True:
+            failure: EbsError | None = None
             try:
                 result = await trio.to_thread.run_sync(
                     self._attempt,
@@ -171,30 +174,29 @@ class FetchContext:
                 final.attempts = attempt - 1
                 raise final from None
             except EbsError as error:
-                if on_attempt is not None:
-                    on_attempt()
-                delay = self.policy.retry_delay(error, attempt, deadline - trio.current_time())
-                if delay is None:
-                    error.attempts = attempt
-                    raise
-                stats.count_retry(error.code)
-                log.debug("%s; retrying (attempt %d)", error, attempt)
-                last = error.fresh()
-            else:
-                if on_attempt is not None:
-                    on_attempt()
+                failure = error
+            if count_requests:
+                stats.get_requests += 1  # here, on the trio thread: no lost updates
+            if failure is None:
                 return result
-            # The backoff waits outside the `except` block: inside it, the error (and whatever
-            # its frames hold) would stay alive for the whole wait.
+            delay = self.policy.retry_delay(failure, attempt, deadline - trio.current_time())
+            if delay is None:
+                failure.attempts = attempt
+                raise failure
+            stats.count_retry(failure.code)
+            log.debug("%s; retrying (attempt %d)", failure, attempt)
+            # Only a traceback-free copy waits out the backoff: the failure's frames (and the
+            # body they may hold) are let go now.
+            last, failure = failure.fresh(), None
             await trio.sleep(delay)
             attempt += 1
 
-    def _attempt(self, request: Callable[[float], T], wall_deadline: float) -> T:
+    def _attempt(self, request: Callable[..., T], wall_deadline: float) -> T:
         """In a worker thread: `request` with what is left of the budget, if enough is."""
         left = wall_deadline - time.monotonic()
         if left < MIN_ATTEMPT_S:
             raise NotSent(f"the {self.policy.budget_s:g} s budget was spent waiting")
-        return request(self.policy.attempt_timeout(left))
+        return request(timeout=self.policy.attempt_timeout(left))
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
         # The monotonic clock, not trio's: trio's starts anew (at a random offset) in each run.
@@ -329,7 +331,7 @@ class SnapshotReader:
             del ctx.inflight[key]
             flight.event.set()
 
-    def _timed_get(self, index: int, token: str, timeout: float) -> tuple[bytes, float]:
+    def _timed_get(self, index: int, token: str, *, timeout: float) -> tuple[bytes, float]:
         started = time.monotonic()
         data = self.ctx.client.get_block(self.snapshot_id, index, token, timeout=timeout)
         return data, time.monotonic() - started
@@ -367,14 +369,10 @@ class SnapshotReader:
         return await self._fetch(index, token, deadline)
 
     async def _fetch(self, index: int, token: str, deadline: float) -> bytes:
-        stats = self.stats
-
-        def count_request() -> None:
-            stats.get_requests += 1
-
+        request = functools.partial(self._timed_get, index, token)
         data, seconds = await self.ctx.with_retries(
-            functools.partial(self._timed_get, index, token), stats, deadline, count_request
+            request, self.stats, deadline, count_requests=True
         )
-        stats.latency.add(seconds)  # here, on the trio thread: no lost updates
-        stats.bytes_fetched += len(data)
+        self.stats.latency.add(seconds)  # here, on the trio thread: no lost updates
+        self.stats.bytes_fetched += len(data)
         return data

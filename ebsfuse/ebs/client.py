@@ -31,7 +31,7 @@ from .fastget import FastBlockGetter
 from .ids import validate_snapshot_id as validate_snapshot_id
 from .pages import BlockPage, ChangedBlock, block_page, changed_page
 from .ratelimit import RateLimiter
-from .settings import ClientSettings
+from .settings import ClientSettings, signing_region
 from .translate import translate
 from .verify import b64_sha256, verify_block
 
@@ -58,9 +58,10 @@ class RetryPolicy:
     """Exponential backoff with full jitter, within a bounded number of attempts.
 
     With the defaults a transient fault costs at most about 0.2+0.4+0.8+1.6+3.2 s of waiting
-    over 6 attempts (plus the timeouts above), so a read fails with EIO in well under a minute
-    rather than hanging. Throttling gets more attempts and a longer cap because it is the
-    service asking us to slow down, not a fault: giving up early would turn load into errors.
+    over 6 attempts (plus the requests' own deadlines), and no retry starts once `budget_s` is
+    spent, so a read fails with EIO within the budget rather than hanging. Throttling gets
+    more attempts and a longer cap because it is the service asking us to slow down, not a
+    fault: giving up early would turn load into errors.
     """
 
     attempts: int = 6
@@ -137,8 +138,10 @@ def call_with_retries(
             if on_retry:
                 on_retry(error)
             log.debug("retrying after %s (attempt %d)", error, attempt)
-            sleep(delay)
-            attempt += 1
+        # The backoff waits outside the `except` block, which would keep the error (and what
+        # its frames hold) alive for the whole wait; as FetchContext.with_retries does.
+        sleep(delay)
+        attempt += 1
 
 
 class AuditLog:
@@ -184,10 +187,7 @@ class EbsClient:
             session = boto3.session.Session(profile_name=self.settings.profile)
         except botocore.exceptions.BotoCoreError as exc:  # e.g. ProfileNotFound
             raise translate(exc) from None
-        region = self.settings.region or session.region_name
-        if region is None and self._endpoint_given():
-            # A local endpoint (the emulator) needs some region to sign with.
-            region = "us-east-1"
+        region = signing_region(self.settings, session.region_name)
         config = botocore.config.Config(
             region_name=region,
             connect_timeout=self.settings.connect_timeout_s,
@@ -221,15 +221,6 @@ class EbsClient:
         if self.audit is not None:
             self.audit.close()
 
-    def _endpoint_given(self) -> bool:
-        import os
-
-        return bool(
-            self.settings.endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_EBS")
-            or os.environ.get("AWS_ENDPOINT_URL")
-        )
-
     # -- reading ---------------------------------------------------------------------------
 
     def list_blocks(
@@ -248,13 +239,8 @@ class EbsClient:
         lean transport, not boto3: botocore turns a cut or foreign body into an empty page, and
         its socket timeout is per read, never for the whole answer.
         """
-        where = {"snapshot_id": snapshot_id, "block_index": start_index}
-        doc = self._fast.get_json(
-            f"/snapshots/{quote(snapshot_id, safe='')}/blocks",
-            _page_params(max_results, start_index, next_token),
-            where=where,
-            timeout=timeout,
-        )
+        params = _page_params(max_results, start_index, next_token)
+        doc = self._get_page(snapshot_id, "blocks", params, start_index, timeout)
         return block_page(
             doc, snapshot_id=snapshot_id, start_index=start_index, volume_size_gib=volume_size_gib
         )
@@ -274,18 +260,28 @@ class EbsClient:
         params = _page_params(max_results, start_index, next_token)
         if first_snapshot_id:
             params["firstSnapshotId"] = first_snapshot_id
-        where = {"snapshot_id": second_snapshot_id, "block_index": start_index}
-        doc = self._fast.get_json(
-            f"/snapshots/{quote(second_snapshot_id, safe='')}/changedblocks",
-            params,
-            where=where,
-            timeout=timeout,
-        )
+        doc = self._get_page(second_snapshot_id, "changedblocks", params, start_index, timeout)
         return changed_page(
             doc,
             snapshot_id=second_snapshot_id,
             start_index=start_index,
             volume_size_gib=volume_size_gib,
+        )
+
+    def _get_page(
+        self,
+        snapshot_id: str,
+        resource: str,
+        params: dict[str, str],
+        start_index: int | None,
+        timeout: float | None,
+    ) -> object:
+        """One list call's parsed body (`/snapshots/{id}/{resource}`), for `pages` to check."""
+        return self._fast.get_json(
+            f"/snapshots/{quote(snapshot_id, safe='')}/{resource}",
+            params,
+            where={"snapshot_id": snapshot_id, "block_index": start_index},
+            timeout=timeout,
         )
 
     def get_block(
@@ -301,7 +297,7 @@ class EbsClient:
         """
         failure: EbsError | None = None
         try:
-            data = self._fast.get_block(snapshot_id, index, token, timeout=timeout)
+            data, checksum = self._fast.get_verified_block(snapshot_id, index, token, timeout)
         except EbsError as error:
             failure = error.fresh()
         if failure is not None:
@@ -314,7 +310,8 @@ class EbsClient:
                 code="UnexpectedBlockLength",
             )
         if self.audit is not None:
-            self.audit.record(snapshot_id, index, len(data), b64_sha256(data))
+            # The SHA-256 the body was just checked against: the service's, no second hash.
+            self.audit.record(snapshot_id, index, len(data), checksum)
         return data
 
     def get_block_boto3(self, snapshot_id: str, index: int, token: str) -> bytes:

@@ -63,9 +63,9 @@ import botocore.session
 from .. import BLOCK_SIZE, __version__
 from .errors import ChecksumMismatch, EbsError, NotSent
 from .ratelimit import RateLimiter
-from .settings import ClientSettings
+from .settings import ClientSettings, signing_region
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
-from .translate import is_throttling, translate
+from .translate import translate
 from .verify import verify_block
 
 CredentialsProvider = Callable[[], Credentials]
@@ -97,7 +97,7 @@ class _ProtocolError(Exception):
 class _Response:
     """Status, lower-cased headers and body of one response; `reusable` if keep-alive holds."""
 
-    __slots__ = ("body", "framed", "headers", "reusable", "status")
+    __slots__ = ("body", "error", "framed", "headers", "reusable", "status")
 
     def __init__(
         self,
@@ -114,6 +114,7 @@ class _Response:
         # False for a body delimited by the end of the connection: cut by a deadline, it
         # would look complete.
         self.framed = framed
+        self.error: EbsError | None = None  # what an error answer means, read once
 
 
 class _Connection:
@@ -445,10 +446,7 @@ class FastBlockGetter:
         try:
             core = botocore.session.Session(profile=settings.profile)
             session = boto3.session.Session(botocore_session=core)
-            region = settings.region or session.region_name
-            if region is None and _endpoint_given(settings):
-                # A local endpoint (the emulator) needs some region to sign with: as EbsClient.
-                region = "us-east-1"
+            region = signing_region(settings, session.region_name)
             # botocore resolves the endpoint exactly as boto3 would (endpoint_url, then
             # AWS_ENDPOINT_URL_EBS, AWS_ENDPOINT_URL, the config file, then the partition's
             # https://ebs.{region}.amazonaws.com[.cn], FIPS if configured). Building a client
@@ -558,6 +556,12 @@ class FastBlockGetter:
 
         `timeout` bounds the whole request (connect, headers, body) below its own deadline.
         """
+        return self.get_verified_block(snapshot_id, index, token, timeout)[0]
+
+    def get_verified_block(
+        self, snapshot_id: str, index: int, token: str, timeout: float | None = None
+    ) -> tuple[bytes, str]:
+        """`get_block`, with the base64 SHA-256 the bytes were checked against."""
         where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": index}
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             # botocore validates BlockIndex (an integer, min 0) before sending anything.
@@ -570,7 +574,8 @@ class FastBlockGetter:
         path = f"/snapshots/{quote(snapshot_id, safe=_LABEL_SAFE)}/blocks/{index}"
         query = f"blockToken={encode_query_value(token)}"
         response = self._request(path, query, BLOCK_SIZE, where, timeout)
-        return self._verified(response.body, response.headers, where)
+        data = self._verified(response.body, response.headers, where)
+        return data, response.headers["x-amz-checksum"]
 
     def get_json(
         self,
@@ -608,10 +613,7 @@ class FastBlockGetter:
         path = self._base_path + path
         try:
             credentials = self._credentials()
-        except EbsError as error:
-            error.snapshot_id, error.block_index = where["snapshot_id"], where["block_index"]
-            raise
-        except Exception as exc:  # a credential provider failing to refresh
+        except Exception as exc:  # missing, or a credential provider failing to refresh
             raise translate(exc, **where) from None
         signed = self._signer.headers(
             credentials, method="GET", host=self._host, path=path, query=query
@@ -625,8 +627,8 @@ class FastBlockGetter:
         if timeout is not None:
             limit = min(limit, timeout)
         response = self._exchange(head, b"", path, max_body, limit, where)
-        if response.status >= 300:
-            raise self._service_error(response, where)
+        if response.error is not None:
+            raise response.error
         return response
 
     def send_prepared(
@@ -678,12 +680,11 @@ class FastBlockGetter:
         deadline = time.monotonic() + limit
         if not self.limiter.acquire(deadline):
             rate = self.limiter.rps or 0.0
-            error = NotSent(
+            refused = NotSent(
                 f"the request rate ({rate:.1f}/s, lowered by throttling or --max-rps) "
                 f"leaves no turn within {limit:.1f} s"
             )
-            error.snapshot_id, error.block_index = where["snapshot_id"], where["block_index"]
-            raise error
+            raise translate(refused, **where)
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
         phase = "connect"
@@ -707,9 +708,12 @@ class FastBlockGetter:
                 phase = "deadline"
             raise self._network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
-        error_type = response.headers.get("x-amzn-errortype", "").split(":", 1)[0]
-        if response.status >= 300 and is_throttling(response.status, error_type or None):
-            self.limiter.throttled()  # the rate grows back with time, not per success
+        if response.status >= 300:
+            # Read once, as botocore reads it (header or body): the caller raises it, and a
+            # throttling answer teaches the limiter (the rate grows back with time).
+            response.error = self._service_error(response, where)
+            if response.error.throttled:
+                self.limiter.throttled()
         if response.reusable and not late:
             self._pool.put(conn)
         else:
@@ -826,16 +830,6 @@ class FastBlockGetter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _endpoint_given(settings: ClientSettings) -> bool:
-    import os
-
-    return bool(
-        settings.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_EBS")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
 
 
 def _tunnel(sock: socket.socket, server: tuple[str, int], headers: dict[str, str]) -> None:

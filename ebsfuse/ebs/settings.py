@@ -5,6 +5,7 @@ Shared by the boto3 client and the lean transport (`fastget`), which both build 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # Connect fails fast (a loopback or VPC endpoint answers in milliseconds); a read may wait on
@@ -26,3 +27,17 @@ class ClientSettings:
     # Requests per second to this endpoint at most, for every request of the process (None:
     # only what throttling teaches; see ratelimit.py).
     max_rps: float | None = None
+
+
+def signing_region(settings: ClientSettings, configured: str | None) -> str | None:
+    """The region requests are signed for: the option, else the AWS configuration's, else
+    `us-east-1` where a custom endpoint (an emulator) is given, which needs some region."""
+    region = settings.region or configured
+    endpoint_given = (
+        settings.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_EBS")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if region is None and endpoint_given:
+        region = "us-east-1"
+    return region
