@@ -1,0 +1,102 @@
+"""How a failed request is retried: the one policy every request of every command follows.
+
+`RetryPolicy` says whether, and after how long, a failure is tried again; `call_with_retries`
+applies it to a blocking call.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .. import DEFAULT_TIMEOUT_S
+from .errors import EbsError
+
+log = logging.getLogger(__name__)
+
+
+# A retry left with less than this is not started: it could not even connect and answer.
+MIN_ATTEMPT_S = 0.5
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, within a bounded number of attempts.
+
+    With the defaults a transient fault costs at most about 0.2+0.4+0.8+1.6+3.2 s of waiting
+    over 6 attempts (plus the requests' own deadlines), and no retry starts once `budget_s` is
+    spent, so a read fails with EIO within the budget rather than hanging. Throttling gets
+    more attempts and a longer cap because it is the service asking us to slow down, not a
+    fault: giving up early would turn load into errors.
+    """
+
+    attempts: int = 6
+    throttle_attempts: int = 12
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+    # A read gets its bytes, or fails, within this many seconds whatever the server does: no
+    # retry starts after it, and the mount gives each request only what is left of it. Within
+    # it a transient fault gets several tries; a server that stalls gets three (one third each).
+    budget_s: float = DEFAULT_TIMEOUT_S
+    # One request may take at most this share of the budget, so a server that stalls once
+    # still leaves time for two more tries (20 s each of the default minute).
+    attempts_per_budget: int = 3
+
+    def max_attempts(self, error: EbsError) -> int:
+        return self.throttle_attempts if error.throttled else self.attempts
+
+    def attempt_timeout(self, remaining_s: float) -> float:
+        """How long the next request may take, with `remaining_s` of the budget left."""
+        return min(remaining_s, self.budget_s / self.attempts_per_budget)
+
+    def retry_delay(self, error: EbsError, attempt: int, remaining_s: float) -> float | None:
+        """Seconds to wait before another try after `attempt` failed with `error`, or None to
+        give up: the error is final, the attempts are used up, or the budget is."""
+        if not error.retryable or attempt >= self.max_attempts(error):
+            return None
+        delay = self.delay(attempt)
+        # The next attempt needs time of its own after the wait, or it cannot succeed.
+        return delay if delay + MIN_ATTEMPT_S < remaining_s else None
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt number `attempt + 1` (attempt counts from 1)."""
+        return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
+
+
+T = TypeVar("T")
+
+
+def call_with_retries(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    on_retry: Callable[[EbsError], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run `fn` (which raises `EbsError`) with the policy's bounded backoff, blocking.
+
+    No retry starts once the policy's budget is spent; the error raised carries the number of
+    attempts made.
+    """
+    attempt = 1
+    started = time.monotonic()
+    while True:
+        try:
+            return fn()
+        except EbsError as error:
+            remaining = policy.budget_s - (time.monotonic() - started)
+            delay = policy.retry_delay(error, attempt, remaining)
+            if delay is None:
+                error.attempts = attempt
+                raise
+            if on_retry:
+                on_retry(error)
+            log.debug("retrying after %s (attempt %d)", error, attempt)
+        # The backoff waits outside the `except` block, which would keep the error (and what
+        # its frames hold) alive for the whole wait; as FetchContext.with_retries does.
+        sleep(delay)
+        attempt += 1
