@@ -105,10 +105,11 @@ def test_changed_pages() -> None:
         "VolumeSize": 1,
         "BlockSize": BLOCK_SIZE,
     }
-    page, changed = changed_page(doc, snapshot_id=SID)
-    assert [c.index for c in changed] == [2, 9, 4000]
+    page = changed_page(doc, snapshot_id=SID)
+    changed = [c for _, c in page.blocks]
+    assert [i for i, _ in page.blocks] == [c.index for c in changed] == [2, 9, 4000]
     assert (changed[1].first_token, changed[1].second_token) == ("f", None)
-    assert page.blocks == [(2, ""), (9, ""), (4000, "s")]
+    assert (changed[2].first_token, changed[2].second_token) == (None, "s")
     doc["ChangedBlocks"] = [{"BlockIndex": 1}]
     with pytest.raises(EbsError, match="neither token"):
         changed_page(doc, snapshot_id=SID)

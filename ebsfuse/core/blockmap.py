@@ -11,6 +11,10 @@ a token the service refuses drops its range so the next lookup re-lists. Ranges 
 least-recently-used order and evicted beyond `max_tokens`, so a 64 TiB volume read end to end
 holds a few ranges, never all its tokens.
 
+The same map serves the mount, one block at a time (`lookup`), and the ordered block stream of
+the snapshot tools, range by range (`listed`); over ListChangedBlocks it holds each changed
+block's pair of tokens instead of a token, for `diff` and `download --base`.
+
 Concurrency: lookups of covered blocks never wait. Listings are serialized by one lock per
 snapshot (the service allows only 50 list calls a second per account, and two readers usually
 need the same range), and after taking the lock a lookup checks again whether a concurrent
@@ -24,8 +28,10 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
 
 import trio
 
@@ -46,32 +52,43 @@ MAX_EMPTY_PAGES = 1000
 # Known-coverage intervals kept for st_blocks; merging keeps this small for sequential access.
 MAX_COVERAGE_INTERVALS = 4096
 
-Lister = Callable[[int | None, str | None], Awaitable[BlockPage]]
+# What the map keeps per listed block: a token (ListSnapshotBlocks) or a `ChangedBlock`.
+V = TypeVar("V")
+Lister = Callable[[int | None, str | None], Awaitable[BlockPage[V]]]
 
 
 @dataclass
-class TokenRange:
+class TokenRange(Generic[V]):
     start: int
     end: int  # exclusive
     indexes: array = field(default_factory=lambda: array("q"))
-    tokens: list[str] = field(default_factory=list)
+    tokens: list[V] = field(default_factory=list)
     refresh_at: float | None = None  # time.monotonic(); None: no expiry given
 
-    def token_for(self, index: int) -> str | None:
+    def token_for(self, index: int) -> V | None:
         i = bisect.bisect_left(self.indexes, index)
         if i < len(self.indexes) and self.indexes[i] == index:
             return self.tokens[i]
         return None
 
+    def listed_from(self, index: int) -> list[tuple[int, V]]:
+        """The listed blocks of this range at or after `index`, ascending."""
+        i = bisect.bisect_left(self.indexes, index)
+        return list(zip(self.indexes[i:], self.tokens[i:], strict=True))
 
-class BlockMap:
-    """Tokens for one snapshot. `lister(start_index, next_token)` performs one list call."""
+
+class BlockMap(Generic[V]):
+    """Tokens for one snapshot (or one pair, for ListChangedBlocks), learned lazily by range.
+
+    `lister(start_index, next_token)` performs one checked list call. The mount looks blocks up
+    one at a time (`lookup`); the ordered block stream walks the listed blocks (`listed`).
+    """
 
     def __init__(
         self,
         snapshot_id: str,
         num_blocks: int,
-        lister: Lister,
+        lister: Lister[V],
         *,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         clock: Callable[[], float] = time.monotonic,
@@ -83,7 +100,7 @@ class BlockMap:
         self._max_tokens = max_tokens
         self._clock = clock
         self._wall_clock = wall_clock
-        self._ranges: OrderedDict[int, TokenRange] = OrderedDict()  # by start, in LRU order
+        self._ranges: OrderedDict[int, TokenRange[V]] = OrderedDict()  # by start, in LRU order
         self._starts: list[int] = []  # sorted starts of self._ranges
         self._token_count = 0
         self._lock = trio.Lock()
@@ -92,10 +109,11 @@ class BlockMap:
         self.list_calls = 0
         self.refreshes = 0
         self.evictions = 0
+        self.expiry: datetime | None = None  # the ExpiryTime of the latest page
 
     # -- lookup -----------------------------------------------------------------------------
 
-    def _find(self, index: int) -> TokenRange | None:
+    def _find(self, index: int) -> TokenRange[V] | None:
         i = bisect.bisect_right(self._starts, index) - 1
         if i < 0:
             return None
@@ -104,28 +122,55 @@ class BlockMap:
             return None
         return rng
 
-    def _fresh(self, rng: TokenRange) -> bool:
+    def _fresh(self, rng: TokenRange[V]) -> bool:
         return rng.refresh_at is None or self._clock() < rng.refresh_at
 
-    def cached_lookup(self, index: int) -> tuple[bool, str | None]:
-        """(known, token) without listing: known is False when a listing is needed."""
+    def _cached_range(self, index: int) -> TokenRange[V] | None:
         rng = self._find(index)
         if rng is None or not self._fresh(rng):
-            return False, None
+            return None
         self._ranges.move_to_end(rng.start)
+        return rng
+
+    def cached_lookup(self, index: int) -> tuple[bool, V | None]:
+        """(known, token) without listing: known is False when a listing is needed."""
+        rng = self._cached_range(index)
+        if rng is None:
+            return False, None
         return True, rng.token_for(index)
 
-    async def lookup(self, index: int) -> str | None:
+    async def lookup(self, index: int) -> V | None:
         """The token of block `index`, or None if the block was never written (a hole)."""
-        if not 0 <= index < self.num_blocks:
-            raise IndexError(index)
         known, token = self.cached_lookup(index)
         if known:
             return token
+        return (await self.covering(index)).token_for(index)
+
+    async def listed(self, start: int = 0) -> AsyncIterator[tuple[int, V]]:
+        """Every listed block from `start` to the end of the volume, ascending, with its token.
+
+        Walks range by range (one list call per 10,000 listed blocks), so holes cost nothing
+        and memory holds one range whatever the volume. A token handed out here may be old by
+        the time it is used; `lookup` at the time of use gives a fresh one.
+        """
+        position = start
+        while position < self.num_blocks:
+            rng = await self.covering(position)
+            for entry in rng.listed_from(position):
+                yield entry
+            position = rng.end
+
+    async def covering(self, index: int) -> TokenRange[V]:
+        """A fresh range holding `index`, listed now if none is known."""
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        rng = self._cached_range(index)
+        if rng is not None:
+            return rng
         async with self._lock:
-            known, token = self.cached_lookup(index)
-            if known:
-                return token
+            rng = self._cached_range(index)
+            if rng is not None:
+                return rng
             stale = self._find(index)
             if stale is not None:
                 self.refreshes += 1
@@ -140,7 +185,7 @@ class BlockMap:
                     retryable=True,
                 )
             self._insert(rng)
-            return rng.token_for(index)
+            return rng
 
     def invalidate(self, index: int, token: str | None = None) -> None:
         """Forget the range holding `index` (its token was refused); the next lookup re-lists.
@@ -155,7 +200,7 @@ class BlockMap:
 
     # -- listing ----------------------------------------------------------------------------
 
-    async def _list_from(self, index: int) -> TokenRange:
+    async def _list_from(self, index: int) -> TokenRange[V]:
         next_token: str | None = None
         empty_pages = 0
         while True:
@@ -177,11 +222,11 @@ class BlockMap:
             next_token = page.next_token
         return self._range_from_page(index, page)
 
-    def seed(self, page: BlockPage) -> None:
+    def seed(self, page: BlockPage[V]) -> None:
         """Keep what a first listing from block 0 (the mount's describe call) already told."""
         self._insert(self._range_from_page(0, page))
 
-    def _range_from_page(self, index: int, page: BlockPage) -> TokenRange:
+    def _range_from_page(self, index: int, page: BlockPage[V]) -> TokenRange[V]:
         """The index range a page proves, and the tokens in it.
 
         THE RULE FOR HOLES: a block is a hole (zeros, no request) only inside a range that a
@@ -196,9 +241,10 @@ class BlockMap:
         end = blocks[-1][0] + 1 if page.next_token and blocks else self.num_blocks
         if page.next_token and not blocks:
             end = index  # an empty page with more to come says nothing
-        rng = TokenRange(start=index, end=end)
+        rng: TokenRange[V] = TokenRange(start=index, end=end)
         rng.indexes.extend(i for i, _ in blocks)
         rng.tokens.extend(t for _, t in blocks)
+        self.expiry = page.expiry or self.expiry
         if page.expiry is not None:
             lifetime = page.expiry.timestamp() - self._wall_clock()
             if lifetime > 0:
@@ -222,7 +268,7 @@ class BlockMap:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
-    def _insert(self, rng: TokenRange) -> None:
+    def _insert(self, rng: TokenRange[V]) -> None:
         if rng.end <= rng.start:
             return
         # Ranges never overlap: drop any that the new one touches.
@@ -244,12 +290,12 @@ class BlockMap:
             self._remove(oldest)
             self.evictions += 1
 
-    def _remove(self, rng: TokenRange) -> None:
+    def _remove(self, rng: TokenRange[V]) -> None:
         del self._ranges[rng.start]
         self._starts.pop(bisect.bisect_left(self._starts, rng.start))
         self._token_count -= len(rng.tokens)
 
-    def _record_coverage(self, rng: TokenRange) -> None:
+    def _record_coverage(self, rng: TokenRange[V]) -> None:
         """Add what a listing taught about allocation, for st_blocks.
 
         Snapshots are immutable, so only the parts of the new range no earlier listing covered
@@ -276,8 +322,7 @@ class BlockMap:
         if len(merged) <= MAX_COVERAGE_INTERVALS:
             self._coverage = merged
 
-    @staticmethod
-    def _counted(rng: TokenRange, start: int, end: int) -> tuple[int, int, int]:
+    def _counted(self, rng: TokenRange[V], start: int, end: int) -> tuple[int, int, int]:
         lo = bisect.bisect_left(rng.indexes, start)
         hi = bisect.bisect_left(rng.indexes, end)
         return (start, end, hi - lo)

@@ -27,7 +27,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 from .. import BLOCK_SIZE, GIB
 from .errors import EbsError
@@ -38,11 +38,16 @@ MAX_VOLUME_GIB = 65536
 MAX_TOKEN_CHARS = 1024
 
 
+# What a page says of each block it lists: its token (ListSnapshotBlocks), or a `ChangedBlock`
+# with both snapshots' tokens (ListChangedBlocks).
+V = TypeVar("V")
+
+
 @dataclass(frozen=True)
-class BlockPage:
+class BlockPage(Generic[V]):
     """One checked page of ListSnapshotBlocks or ListChangedBlocks, blocks ascending."""
 
-    blocks: list[tuple[int, str]]
+    blocks: list[tuple[int, V]]
     next_token: str | None
     expiry: datetime | None
     volume_size_gib: int
@@ -155,7 +160,7 @@ def block_page(
     snapshot_id: str,
     start_index: int | None = None,
     volume_size_gib: int | None = None,
-) -> BlockPage:
+) -> BlockPage[str]:
     """A checked ListSnapshotBlocks page from its parsed JSON body; raises `EbsError`."""
     check = _Checker(snapshot_id, start_index)
     if not isinstance(doc, dict):
@@ -177,8 +182,8 @@ def changed_page(
     snapshot_id: str,
     start_index: int | None = None,
     volume_size_gib: int | None = None,
-) -> tuple[BlockPage, list[ChangedBlock]]:
-    """A checked ListChangedBlocks page: the page (second tokens) and each changed block."""
+) -> BlockPage[ChangedBlock]:
+    """A checked ListChangedBlocks page: each changed block with both snapshots' tokens."""
     check = _Checker(snapshot_id, start_index)
     if not isinstance(doc, dict):
         check.fail(f"the body is {type(doc).__name__}, not a JSON object")
@@ -197,10 +202,7 @@ def changed_page(
     changed.sort(key=lambda c: c.index)
     check.unique([c.index for c in changed])
     next_token, expiry = check.tail(doc)
-    page = BlockPage(
-        [(c.index, c.second_token or "") for c in changed], next_token, expiry, gib, BLOCK_SIZE
-    )
-    return page, changed
+    return BlockPage([(c.index, c) for c in changed], next_token, expiry, gib, BLOCK_SIZE)
 
 
 def _nblocks(gib: int) -> int:
