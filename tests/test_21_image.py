@@ -14,7 +14,8 @@ import trio
 
 from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.core import blockmap as blockmap_module
-from ebsfuse.core.image import SnapshotImage, describe_snapshot
+from ebsfuse.core.image import SnapshotImage
+from ebsfuse.core.pipeline import describe_snapshot
 from ebsfuse.core.reader import FetchContext
 from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
 from ebsfuse.ebs.errors import EbsError

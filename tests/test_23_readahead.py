@@ -12,7 +12,8 @@ import random
 import trio
 
 from ebsfuse import BLOCK_SIZE
-from ebsfuse.core.image import SnapshotImage, describe_snapshot
+from ebsfuse.core.image import SnapshotImage
+from ebsfuse.core.pipeline import describe_snapshot
 from ebsfuse.core.readahead import MAX_WINDOW_BLOCKS, MIN_WINDOW_BLOCKS, ReadaheadWindow
 from ebsfuse.core.reader import FetchContext
 from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy

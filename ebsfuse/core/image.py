@@ -6,56 +6,20 @@ FUSE. It knows nothing of pyfuse3.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from dataclasses import dataclass
 from datetime import datetime
 
 import trio
 
-from .. import BLOCK_SIZE, GIB
-from ..ebs.client import BlockPage, EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
+from .. import BLOCK_SIZE
 from ..ebs.errors import EbsError
-from .blockmap import DEFAULT_MAX_TOKENS, BlockMap
+from .pipeline import SnapshotInfo, open_snapshot
 from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
-from .reader import FetchContext, SnapshotReader
+from .reader import FetchContext
 
 log = logging.getLogger(__name__)
 
 _ZEROS = bytes(BLOCK_SIZE)
-# The describe call needs only VolumeSize and BlockSize; 100 is the smallest page botocore
-# accepts, so mounting costs one small request however large the volume.
-DESCRIBE_PAGE = 100
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    snapshot_id: str
-    volume_size_gib: int
-    block_size: int
-    first_page: BlockPage
-
-    @property
-    def size_bytes(self) -> int:
-        return self.volume_size_gib * GIB
-
-    @property
-    def num_blocks(self) -> int:
-        return math.ceil(self.size_bytes / self.block_size)
-
-
-def describe_snapshot(client: EbsClient, snapshot_id: str, policy: RetryPolicy) -> SnapshotInfo:
-    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable.
-
-    The page is checked like every other (`pages.block_page`): a VolumeSize outside the EBS
-    range or a block size other than 512 KiB refuses the mount with one line.
-    """
-    validate_snapshot_id(snapshot_id)
-    page = call_with_retries(
-        lambda: client.list_blocks(snapshot_id, max_results=DESCRIBE_PAGE), policy
-    )
-    return SnapshotInfo(snapshot_id, page.volume_size_gib, page.block_size, page)
 
 
 class SnapshotImage:
@@ -73,28 +37,9 @@ class SnapshotImage:
         self.snapshot_id = info.snapshot_id
         self.size = info.size_bytes
         self.start_time = start_time
-        self.blockmap = BlockMap(
-            info.snapshot_id,
-            info.num_blocks,
-            self._list,
-            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        )
-        self.blockmap.seed(info.first_page)
-        self.reader = SnapshotReader(info.snapshot_id, self.blockmap, ctx)
+        self.reader = open_snapshot(ctx, info, max_tokens=max_tokens)
+        self.blockmap = self.reader.blockmap
         self._ctx = ctx
-
-    async def _list(self, start_index: int | None, next_token: str | None) -> BlockPage:
-        """One checked page for the block map, retried within the policy's budget."""
-        ctx = self._ctx
-        request = functools.partial(
-            ctx.client.list_blocks,
-            self.snapshot_id,
-            start_index=start_index,
-            next_token=next_token,
-            volume_size_gib=self.info.volume_size_gib,
-        )
-        deadline = trio.current_time() + ctx.policy.budget_s
-        return await ctx.with_retries(request, self.reader.stats, deadline)
 
     def new_window(self) -> ReadaheadWindow:
         """A readahead window for one open file.

@@ -47,8 +47,9 @@ from typing import TypeVar
 import cachetools
 import trio
 
-from ..ebs.client import MIN_ATTEMPT_S, EbsClient, RetryPolicy
+from ..ebs.client import EbsClient
 from ..ebs.errors import EbsError, NotSent
+from ..ebs.retry import MIN_ATTEMPT_S, Attempts, RetryPolicy
 from .blockmap import BlockMap
 from .stats import ReadStats
 
@@ -149,17 +150,16 @@ class FetchContext:
         """`request(timeout=...)` in a worker thread under the concurrency limit, retried by
         the policy until trio's clock reaches `deadline`; the error raised carries its attempts.
 
-        The one retry loop of the read path: block fetches (`count_requests` adds each attempt
-        to `stats.get_requests`) and the block map's listings. The time an attempt may take is
+        The trio driver of the one retry loop (`retry.Attempts`), for everything the pipeline
+        sends: block fetches (`count_requests` adds each request sent to `stats.get_requests`)
+        and listings. The time an attempt may take is
         worked out when a worker starts it, not before it waits for a slot: queued behind 64
         others, a request gets what is left, or is not sent.
         """
         # Worker threads have no trio clock: the same deadline on the monotonic clock.
         wall_deadline = time.monotonic() + (deadline - trio.current_time())
-        attempt = 1
-        last: EbsError | None = None  # the service's last answer, traceback-free
+        attempts = Attempts(self.policy, lambda: deadline - trio.current_time())
         while True:
-            failure: EbsError | None = None
             try:
                 result = await trio.to_thread.run_sync(
                     self._attempt,
@@ -168,28 +168,16 @@ class FetchContext:
                     limiter=self.limiter,
                     **_ABANDON_ON_CANCEL,
                 )
-            except NotSent as error:
-                # No time for another request: what the service said last is the story.
-                final = error if last is None else last
-                final.attempts = attempt - 1
-                raise final from None
             except EbsError as error:
-                failure = error
-            if count_requests:
-                stats.get_requests += 1  # here, on the trio thread: no lost updates
-            if failure is None:
+                if count_requests and not isinstance(error, NotSent):
+                    stats.get_requests += 1  # here, on the trio thread: no lost updates
+                delay = attempts.retry_after(error)
+                stats.count_retry(error.code)
+            else:
+                if count_requests:
+                    stats.get_requests += 1
                 return result
-            delay = self.policy.retry_delay(failure, attempt, deadline - trio.current_time())
-            if delay is None:
-                failure.attempts = attempt
-                raise failure
-            stats.count_retry(failure.code)
-            log.debug("%s; retrying (attempt %d)", failure, attempt)
-            # Only a traceback-free copy waits out the backoff: the failure's frames (and the
-            # body they may hold) are let go now.
-            last, failure = failure.fresh(), None
             await trio.sleep(delay)
-            attempt += 1
 
     def _attempt(self, request: Callable[..., T], wall_deadline: float) -> T:
         """In a worker thread: `request` with what is left of the budget, if enough is."""
@@ -237,11 +225,17 @@ class FetchContext:
 class SnapshotReader:
     """One snapshot's blocks: `read_block(index)` gives verified bytes, or None for a hole."""
 
-    def __init__(self, snapshot_id: str, blockmap: BlockMap, ctx: FetchContext) -> None:
+    def __init__(
+        self,
+        snapshot_id: str,
+        blockmap: BlockMap[str],
+        ctx: FetchContext,
+        stats: ReadStats | None = None,
+    ) -> None:
         self.snapshot_id = snapshot_id
         self.blockmap = blockmap
         self.ctx = ctx
-        self.stats = ReadStats()
+        self.stats = stats or ReadStats()
 
     def cached_block(self, index: int) -> bytes | None:
         """The block if the cache holds it (counted as a hit), else None; never waits."""

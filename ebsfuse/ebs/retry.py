@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import DEFAULT_TIMEOUT_S
-from .errors import EbsError
+from .errors import EbsError, NotSent
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,44 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)))
 
 
+class Attempts:
+    """The tries of one request under a policy: the bookkeeping of the one retry loop.
+
+    Its two drivers, `call_with_retries` (blocking) and `FetchContext.with_retries` (on trio),
+    are the same loop: try; hand a failure to `retry_after`, which raises it when it is final;
+    wait what it says; try again. Whether to retry, how long to wait, how many attempts the
+    error reports and which error ends the loop are decided here only.
+    """
+
+    def __init__(self, policy: RetryPolicy, remaining_s: Callable[[], float]) -> None:
+        self.policy = policy
+        self._remaining_s = remaining_s
+        self.count = 1  # the attempt under way
+        # The service's last answer, traceback-free: the failure's frames (and the body they
+        # may hold) are not kept alive through the backoff.
+        self.last: EbsError | None = None
+
+    def retry_after(self, failure: EbsError) -> float:
+        """Seconds to wait before the next try; raises the final error when there is none."""
+        delay = self.policy.retry_delay(failure, self.count, self._remaining_s())
+        if delay is None:
+            raise self._final(failure)
+        log.debug("%s; retrying (attempt %d)", failure, self.count)
+        if not isinstance(failure, NotSent):
+            self.last = failure.fresh()
+        self.count += 1
+        return delay
+
+    def _final(self, failure: EbsError) -> EbsError:
+        if isinstance(failure, NotSent):
+            # No request went out this time: what the service said last is the story.
+            final = failure if self.last is None else self.last
+            final.attempts = self.count - 1
+            return final
+        failure.attempts = self.count
+        return failure
+
+
 T = TypeVar("T")
 
 
@@ -74,29 +112,17 @@ def call_with_retries(
     fn: Callable[[], T],
     policy: RetryPolicy,
     *,
-    on_retry: Callable[[EbsError], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Run `fn` (which raises `EbsError`) with the policy's bounded backoff, blocking.
-
-    No retry starts once the policy's budget is spent; the error raised carries the number of
-    attempts made.
-    """
-    attempt = 1
+    """Run `fn` (which raises `EbsError`) under the policy, blocking, until `policy.budget_s`
+    is spent; the error raised carries the number of attempts made."""
     started = time.monotonic()
+    attempts = Attempts(policy, lambda: policy.budget_s - (time.monotonic() - started))
     while True:
         try:
             return fn()
         except EbsError as error:
-            remaining = policy.budget_s - (time.monotonic() - started)
-            delay = policy.retry_delay(error, attempt, remaining)
-            if delay is None:
-                error.attempts = attempt
-                raise
-            if on_retry:
-                on_retry(error)
-            log.debug("retrying after %s (attempt %d)", error, attempt)
+            delay = attempts.retry_after(error)
         # The backoff waits outside the `except` block, which would keep the error (and what
-        # its frames hold) alive for the whole wait; as FetchContext.with_retries does.
+        # its frames hold) alive for the whole wait.
         sleep(delay)
-        attempt += 1

@@ -302,7 +302,8 @@ def sd_notify(state: str) -> None:
 
 
 def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS, FetchContext]:
-    from ..core.image import SnapshotImage, describe_snapshot
+    from ..core.image import SnapshotImage
+    from ..core.pipeline import describe_snapshot
     from ..core.reader import FetchContext
     from ..ebs.client import RetryPolicy
     from .fs import SnapshotFS

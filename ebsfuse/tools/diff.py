@@ -1,8 +1,9 @@
 """`ebsfuse diff`: the blocks changed between two snapshots, as coalesced byte ranges.
 
-ListChangedBlocks is streamed (`BlockLister`) and consecutive block indexes are merged into
-ranges as they arrive; each range is handed to the caller as soon as it is closed, so memory
-does not grow with the number of changes. A block counts as changed when the two snapshots
+ListChangedBlocks is walked range by range through the pipeline's block map of the pair
+(`core.pipeline.open_changes`: checked pages, retries, one range in memory), and consecutive
+block indexes are merged into ranges as they arrive; each range is handed to the caller as
+soon as it is closed, so memory does not grow with the number of changes. A block counts as changed when the two snapshots
 read differently there: written in both with different content, or present in one only.
 """
 
@@ -13,9 +14,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from .. import BLOCK_SIZE
-from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
+from ..core.pipeline import describe, open_changes, run_interruptibly, tool_context
+from ..core.reader import FetchContext
+from ..core.stats import ReadStats
+from ..ebs.client import EbsClient, validate_snapshot_id
 from ..ebs.errors import EbsfuseError
-from ..ebs.listing import BlockLister
+from ..ebs.retry import RetryPolicy
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -77,34 +81,57 @@ def diff_snapshots(
     validate_snapshot_id(second)
     if first == second:
         raise EbsfuseError("the two snapshot ids are the same")
-    lister = BlockLister(client, second, first_snapshot_id=first, policy=policy)
-    info = lister.describe()
-    summary = DiffSummary(first, second, info.volume_bytes, info.block_size)
-    bar = Progress(f"{first}..{second}", info.nblocks, enabled=progress)
-    start = count = 0
-    try:
-        for block in lister:
+    ctx = tool_context(client, 1, policy or RetryPolicy())
+    return run_interruptibly(_diff, ctx, first, second, on_range, progress)
+
+
+async def _diff(
+    ctx: FetchContext,
+    first: str,
+    second: str,
+    on_range: Callable[[ChangedRange], None],
+    progress: bool,
+) -> DiffSummary:
+    first_info = await describe(ctx, first)
+    second_info = await describe(ctx, second)
+    changes = open_changes(ctx, first_info, second_info, ReadStats())
+    summary = DiffSummary(first, second, second_info.size_bytes, second_info.block_size)
+    ranges = _Coalescer(on_range, summary)
+    with Progress(f"{first}..{second}", changes.num_blocks, enabled=progress) as bar:
+        async for index, block in changes.listed():
             summary.changed_blocks += 1
             if block.first_token is None:
                 summary.only_in_second += 1
-            elif block.token is None:
+            elif block.second_token is None:
                 summary.only_in_first += 1
             else:
                 summary.in_both += 1
-            if count and block.index == start + count:
-                count += 1
-            else:
-                if count:
-                    on_range(ChangedRange(start, count))
-                    summary.ranges += 1
-                start, count = block.index, 1
-            bar.advance(0, block.index + 1)
-        if count:
-            on_range(ChangedRange(start, count))
-            summary.ranges += 1
-    finally:
-        bar.close()
+            ranges.add(index)
+            bar.advance(0, index + 1)
+        ranges.close()
     summary.changed_bytes = summary.changed_blocks * BLOCK_SIZE
     if summary.volume_size:
         summary.share = summary.changed_bytes / summary.volume_size
     return summary
+
+
+class _Coalescer:
+    """Consecutive changed blocks merged into ranges, each handed on as soon as it closes."""
+
+    def __init__(self, on_range: Callable[[ChangedRange], None], summary: DiffSummary) -> None:
+        self._on_range = on_range
+        self._summary = summary
+        self._start = self._count = 0
+
+    def add(self, index: int) -> None:
+        if self._count and index == self._start + self._count:
+            self._count += 1
+            return
+        self.close()
+        self._start, self._count = index, 1
+
+    def close(self) -> None:
+        if self._count:
+            self._on_range(ChangedRange(self._start, self._count))
+            self._summary.ranges += 1
+            self._count = 0

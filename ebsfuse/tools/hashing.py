@@ -1,31 +1,36 @@
 """`ebsfuse hash`: the SHA-256 (and MD5) of a snapshot's whole disk image, as an acquisition would.
 
 The digest equals `sha256sum` of a downloaded copy of `<snapshot-id>.img`: every byte of the
-volume in order, unwritten blocks as zeros. Blocks are listed with `BlockLister` (streamed, tokens
-kept fresh) and fetched in parallel by worker threads through `EbsClient.get_block`, which
-verifies each block's SHA-256 against the service's and writes the audit log line; the main
-thread feeds the digests strictly in block order. Holes cost no request: the gaps between listed
-blocks are hashed from a buffer of zeros.
+volume in order, unwritten blocks as zeros. The blocks come from the one block pipeline
+(`core.pipeline.ordered_blocks`: listed, fetched `workers` at a time, each verified against
+the service's SHA-256 and written to the audit log) in ascending order, and are hashed as they
+arrive. Holes cost no request: the gaps between listed blocks are hashed from a buffer of zeros.
 
-Memory stays bounded: at most `window` fetched-but-not-yet-hashed blocks (512 KiB each) exist at
-once; the main thread waits on the oldest before submitting more.
+Memory stays bounded: at most `WINDOW_PER_WORKER * workers` fetched-but-not-yet-hashed blocks
+(512 KiB each) exist at once.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from .. import BLOCK_SIZE
-from ..ebs.client import EbsClient, RetryPolicy
-from ..ebs.errors import EbsError, EbsfuseError
-from ..ebs.listing import BlockLister, ListedBlock
+from ..core.pipeline import (
+    describe,
+    listed_blocks,
+    open_snapshot,
+    ordered_blocks,
+    run_interruptibly,
+    tool_context,
+)
+from ..core.reader import FetchContext
+from ..ebs.client import EbsClient
+from ..ebs.errors import EbsfuseError
+from ..ebs.retry import RetryPolicy
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 # inside the 1000/s per-snapshot quota, so a hash can run beside a live mount of the same
 # snapshot without throttling it.
 DEFAULT_WORKERS = 32
-# Fetched blocks waiting to be hashed, per worker: two keeps every worker busy while the main
+# Fetched blocks waiting to be hashed, per worker: two keeps every worker busy while the trio
 # thread hashes (SHA-256 runs at ~1 GB/s, faster than blocks arrive) and bounds memory to
 # 2 x 32 x 512 KiB = 32 MiB by default.
 WINDOW_PER_WORKER = 2
@@ -93,56 +98,32 @@ def hash_snapshot(
     policy: RetryPolicy | None = None,
     progress: bool = False,
 ) -> HashResult:
-    """Hash the whole image of `snapshot_id`; raise `HashInterrupted` on Ctrl-C."""
-    policy = policy or RetryPolicy()
-    started = time.monotonic()
-    lister = BlockLister(client, snapshot_id, policy=policy)
-    info = lister.describe()
-    size = info.volume_bytes
-    digests = _Digests(md5)
-    stop = threading.Event()
-    bar = Progress(snapshot_id, size, enabled=progress)
-    fetched = 0
-
-    def stoppable_sleep(seconds: float) -> None:
-        if stop.wait(seconds):
-            raise EbsError("interrupted", snapshot_id=snapshot_id)
-
-    def fetch(entry: ListedBlock) -> bytes:
-        return lister.fetch(client, entry, policy, sleep=stoppable_sleep)
-
-    pending: collections.deque[tuple[int, concurrent.futures.Future[bytes]]] = collections.deque()
-
-    def hash_oldest() -> None:
-        nonlocal fetched
-        index, future = pending.popleft()
-        data = future.result()
-        digests.zeros(index * BLOCK_SIZE - digests.position)
-        digests.update(data)  # 512 KiB: EbsClient.get_block refuses any other length
-        fetched += 1
-        bar.advance(len(data), digests.position)
-
-    pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="ebsfuse-hash"
-    )
-    window = max(2, WINDOW_PER_WORKER * workers)
+    """Hash the whole image of `snapshot_id`; raise `HashInterrupted` on Ctrl-C or SIGTERM."""
+    ctx = tool_context(client, workers, policy or RetryPolicy())
     try:
-        for entry in lister:
-            if entry.token is None or entry.index * BLOCK_SIZE >= size:
-                continue
-            pending.append((entry.index, pool.submit(fetch, entry)))
-            while len(pending) >= window:
-                hash_oldest()
-        while pending:
-            hash_oldest()
-        digests.zeros(size - digests.position)
-        bar.advance(0, size)
+        return run_interruptibly(_hash, ctx, snapshot_id, md5, progress)
     except KeyboardInterrupt:
         raise HashInterrupted(f"interrupted; {snapshot_id} was not hashed") from None
-    finally:
-        stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        bar.close()
+
+
+async def _hash(ctx: FetchContext, snapshot_id: str, md5: bool, progress: bool) -> HashResult:
+    started = time.monotonic()
+    info = await describe(ctx, snapshot_id)
+    reader = open_snapshot(ctx, info)
+    size = info.size_bytes
+    digests = _Digests(md5)
+    fetched = 0
+    window = WINDOW_PER_WORKER * ctx.max_concurrency
+    with Progress(snapshot_id, size, enabled=progress) as bar:
+        async with ordered_blocks(reader, listed_blocks(reader), window) as blocks:
+            async for index, data in blocks:
+                assert data is not None  # listed blocks are fetched; 512 KiB, verified
+                digests.zeros(index * BLOCK_SIZE - digests.position)
+                digests.update(data)
+                fetched += 1
+                bar.advance(len(data), digests.position)
+        digests.zeros(size - digests.position)
+        bar.advance(0, size)
     return HashResult(
         snapshot_id=snapshot_id,
         size=size,
@@ -150,6 +131,6 @@ def hash_snapshot(
         md5=digests.md5.hexdigest() if digests.md5 is not None else None,
         blocks_fetched=fetched,
         bytes_fetched=fetched * BLOCK_SIZE,
-        hole_blocks=info.nblocks - fetched,
+        hole_blocks=info.num_blocks - fetched,
         seconds=time.monotonic() - started,
     )

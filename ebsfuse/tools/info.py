@@ -1,8 +1,9 @@
-"""`ebsfuse info`: what a snapshot holds, from one streamed walk of ListSnapshotBlocks.
+"""`ebsfuse info`: what a snapshot holds, from one walk of ListSnapshotBlocks.
 
-Volume size and block size come with the first page; written blocks, written bytes and the
-first and last written offsets are counted page by page (nothing is kept per block), and the
-token expiry is the first page's ExpiryTime.
+Volume size and block size come with the first page (`core.pipeline.describe`); written
+blocks, written bytes and the first and last written offsets are counted range by range as the
+pipeline's block map lists them (nothing is kept per block), and the token expiry is the last
+page's ExpiryTime.
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .. import BLOCK_SIZE
-from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
-from ..ebs.listing import BlockLister
+from ..core.pipeline import describe, open_snapshot, run_interruptibly, tool_context
+from ..core.reader import FetchContext
+from ..ebs.client import EbsClient, validate_snapshot_id
+from ..ebs.retry import RetryPolicy
 from .progress import Progress
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SnapshotInfo:
+class SnapshotReport:
+    """What `ebsfuse info` prints."""
+
     snapshot_id: str
     volume_size: int = 0
     volume_size_gib: int = 0
@@ -43,40 +48,37 @@ def snapshot_info(
     *,
     policy: RetryPolicy | None = None,
     progress: bool = False,
-) -> SnapshotInfo:
+) -> SnapshotReport:
     validate_snapshot_id(snapshot_id)
-    lister = BlockLister(client, snapshot_id, policy=policy)
-    result = SnapshotInfo(snapshot_id)
+    ctx = tool_context(client, 1, policy or RetryPolicy())
+    return run_interruptibly(_report, ctx, snapshot_id, progress)
+
+
+async def _report(ctx: FetchContext, snapshot_id: str, progress: bool) -> SnapshotReport:
+    info = await describe(ctx, snapshot_id)
+    blockmap = open_snapshot(ctx, info).blockmap
+    result = SnapshotReport(
+        snapshot_id,
+        volume_size=info.size_bytes,
+        volume_size_gib=info.volume_size_gib,
+        block_size=info.block_size,
+    )
     last: int | None = None
-    bar: Progress | None = None
-    try:
-        for block in lister:
-            if bar is None:
-                bar = _bar(lister, progress)
+    with Progress(snapshot_id, info.num_blocks, enabled=progress) as bar:
+        async for index, _ in blockmap.listed():
             if result.first_written_offset is None:
-                result.first_written_offset = block.index * BLOCK_SIZE
+                result.first_written_offset = index * BLOCK_SIZE
             result.written_blocks += 1
-            last = block.index
-            bar.advance(0, block.index + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-    info = lister.describe()
-    result.volume_size = info.volume_bytes
-    result.volume_size_gib = info.volume_size_gib
-    result.block_size = info.block_size
+            last = index
+            bar.advance(0, index + 1)
     result.written_bytes = result.written_blocks * BLOCK_SIZE
     if last is not None:
         result.last_written_offset = last * BLOCK_SIZE
         result.written_end = (last + 1) * BLOCK_SIZE
     if result.volume_size:
         result.share = result.written_bytes / result.volume_size
-    if info.expiry is not None:
-        result.token_expiry = info.expiry.isoformat()
-    result.pages = lister.pages
+    expiry = blockmap.expiry or info.first_page.expiry
+    if expiry is not None:
+        result.token_expiry = expiry.isoformat()
+    result.pages = blockmap.list_calls + 1  # and the describe call's
     return result
-
-
-def _bar(lister: BlockLister, enabled: bool) -> Progress:
-    info = lister.describe()
-    return Progress(lister.snapshot_id, info.nblocks, enabled=enabled)

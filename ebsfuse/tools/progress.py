@@ -105,6 +105,12 @@ class Progress:
         self.stream.write(f"\r{self.label} [{bar}]{tail}")
         self.stream.flush()
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Erase the bar so the command's own output starts on a clean line."""
         if not self.enabled:

@@ -1,0 +1,270 @@
+"""The one block pipeline: how every command gets a snapshot's verified blocks.
+
+    describe(ctx, id) ─► open_snapshot(ctx, info) ─► SnapshotReader.read_block(index)
+                                                 └─► ordered_blocks(reader, wanted, window)
+    open_changes(ctx, first, second) ─► BlockMap[ChangedBlock].listed()
+
+The mount reads blocks at random through `SnapshotReader.read_block` (single flight, readahead);
+`download` and `hash` consume `ordered_blocks`, the listed blocks in ascending order fetched a
+window ahead; `diff` and `download --base` walk the changed blocks of a pair. Under all of them
+each rule has one home:
+
+- tokens: `BlockMap` (lazy listing by range, refresh before expiry) and `SnapshotReader._load_by`
+  (one re-list on a refused token);
+- the concurrency limit, the retry loop and the budget: `FetchContext.with_retries` driving
+  `ebs.retry.Attempts`; the shared request rate: `ebs.ratelimit`, inside the transport;
+- length, SHA-256 and the audit line: `EbsClient.get_block`; listings checked whole: `ebs.pages`;
+- counters: the reader's `ReadStats`.
+
+The commands that block (the CLI's tools) enter it through `run_interruptibly`: Ctrl-C and
+SIGTERM cancel the work, the tool's cleanup runs, and the caller gets KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import signal
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from .. import BLOCK_SIZE, GIB
+from ..ebs.client import BlockPage, ChangedBlock, EbsClient, validate_snapshot_id
+from ..ebs.errors import EbsError
+from ..ebs.retry import RetryPolicy
+from .blockmap import DEFAULT_MAX_TOKENS, BlockMap, V
+from .reader import FetchContext, SnapshotReader
+from .stats import ReadStats
+
+T = TypeVar("T")
+
+# The describe call needs only VolumeSize and BlockSize; 100 is the smallest page botocore
+# accepts, so opening a snapshot costs one small request however large the volume.
+DESCRIBE_PAGE = 100
+# A tool's memory cache: the stream hands each block to its consumer once, so the cache only
+# has to hold the few blocks that two steps of one command read twice (none today).
+TOOL_CACHE_BYTES = 8 * BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What the first page of a listing says of a snapshot: its size, and that it is readable."""
+
+    snapshot_id: str
+    volume_size_gib: int
+    block_size: int
+    first_page: BlockPage[str]
+
+    @property
+    def size_bytes(self) -> int:
+        return self.volume_size_gib * GIB
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.size_bytes / self.block_size)
+
+
+class PageLister(Generic[V]):
+    """One checked listing page for a block map, retried within the context's budget."""
+
+    def __init__(
+        self, ctx: FetchContext, stats: ReadStats, request: Callable[..., BlockPage[V]]
+    ) -> None:
+        self._ctx = ctx
+        self._stats = stats
+        self._request = request  # request(start_index=, next_token=, timeout=) -> page
+
+    async def __call__(self, start_index: int | None, next_token: str | None) -> BlockPage[V]:
+        request = functools.partial(self._request, start_index=start_index, next_token=next_token)
+        deadline = trio.current_time() + self._ctx.policy.budget_s
+        return await self._ctx.with_retries(request, self._stats, deadline)
+
+
+async def describe(ctx: FetchContext, snapshot_id: str) -> SnapshotInfo:
+    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable.
+
+    The page is checked like every other (`pages.block_page`): a VolumeSize outside the EBS
+    range or a block size other than 512 KiB refuses the snapshot with one line.
+    """
+    validate_snapshot_id(snapshot_id)
+    request = functools.partial(ctx.client.list_blocks, snapshot_id, max_results=DESCRIBE_PAGE)
+    deadline = trio.current_time() + ctx.policy.budget_s
+    page = await ctx.with_retries(request, ReadStats(), deadline)
+    return SnapshotInfo(snapshot_id, page.volume_size_gib, page.block_size, page)
+
+
+def describe_snapshot(client: EbsClient, snapshot_id: str, policy: RetryPolicy) -> SnapshotInfo:
+    """`describe` for a caller outside trio (the mount, before it starts serving)."""
+    ctx = FetchContext(client, cache_bytes=BLOCK_SIZE, max_concurrency=1, policy=policy)
+    return trio.run(describe, ctx, snapshot_id)
+
+
+def open_snapshot(
+    ctx: FetchContext, info: SnapshotInfo, *, max_tokens: int | None = None
+) -> SnapshotReader:
+    """A reader of `info`'s snapshot whose block map starts with what `describe` listed."""
+    stats = ReadStats()
+    request = functools.partial(
+        ctx.client.list_blocks, info.snapshot_id, volume_size_gib=info.volume_size_gib
+    )
+    blockmap: BlockMap[str] = BlockMap(
+        info.snapshot_id,
+        info.num_blocks,
+        PageLister(ctx, stats, request),
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+    )
+    blockmap.seed(info.first_page)
+    return SnapshotReader(info.snapshot_id, blockmap, ctx, stats)
+
+
+def open_changes(
+    ctx: FetchContext, first: SnapshotInfo, second: SnapshotInfo, stats: ReadStats
+) -> BlockMap[ChangedBlock]:
+    """The blocks that differ between two snapshots (ListChangedBlocks), learned by range.
+
+    Indexes run to the end of the larger volume: a block only the larger first snapshot has
+    is listed too.
+    """
+    request = functools.partial(
+        ctx.client.list_changed_blocks,
+        second.snapshot_id,
+        first.snapshot_id,
+        volume_size_gib=second.volume_size_gib,
+    )
+    return BlockMap(
+        f"{first.snapshot_id}..{second.snapshot_id}",
+        max(first.num_blocks, second.num_blocks),
+        PageLister(ctx, stats, request),
+    )
+
+
+async def listed_blocks(
+    reader: SnapshotReader, start: int = 0
+) -> AsyncGenerator[tuple[int, bool], None]:
+    """Every written block of the reader's snapshot from `start`, each to be fetched."""
+    async for index, _ in reader.blockmap.listed(start):
+        yield index, True
+
+
+class _Slot:
+    """One block of the stream: filled by its fetch task, handed out in index order."""
+
+    __slots__ = ("data", "done", "error", "index")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.data: bytes | None = None
+        self.error: EbsError | None = None
+        self.done = trio.Event()
+
+
+class OrderedBlocks:
+    """The consumer's side of `ordered_blocks`: `async for index, data in blocks`."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[_Slot]) -> None:
+        self._receive = receive
+
+    def __aiter__(self) -> OrderedBlocks:
+        return self
+
+    async def __anext__(self) -> tuple[int, bytes | None]:
+        try:
+            slot = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error.fresh()
+        return slot.index, slot.data
+
+
+@contextlib.asynccontextmanager
+async def ordered_blocks(
+    reader: SnapshotReader, wanted: AsyncGenerator[tuple[int, bool], None], window: int
+) -> AsyncIterator[OrderedBlocks]:
+    """`wanted` (index, fetch?) pairs, ascending, as (index, verified bytes or None), in order.
+
+    Blocks marked for fetching are read through `reader.read_block` (the mount's own path: the
+    token, the retries, the checks) at most `window` ahead of the consumer, so memory holds at
+    most `window + 2` blocks whatever the volume size; the others come back as None at once.
+    The first failure, of a listing or of a block, is raised to the consumer at its place in
+    the order. Leaving the context cancels whatever is still being fetched.
+    """
+    send, receive = trio.open_memory_channel[_Slot](max(1, window))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_produce, reader, wanted, send, nursery)
+        try:
+            yield OrderedBlocks(receive)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _produce(
+    reader: SnapshotReader,
+    wanted: AsyncGenerator[tuple[int, bool], None],
+    send: trio.MemorySendChannel[_Slot],
+    nursery: trio.Nursery,
+) -> None:
+    async with send, contextlib.aclosing(wanted):
+        try:
+            async for index, fetch in wanted:
+                slot = _Slot(index)
+                if fetch:
+                    nursery.start_soon(_fill, reader, slot)
+                else:
+                    slot.done.set()
+                await send.send(slot)
+        except EbsError as error:
+            slot = _Slot(-1)
+            slot.error = error.fresh()
+            slot.done.set()
+            await send.send(slot)
+
+
+async def _fill(reader: SnapshotReader, slot: _Slot) -> None:
+    try:
+        slot.data = await reader.read_block(slot.index)
+    except EbsError as error:
+        slot.error = error.fresh()
+    finally:
+        slot.done.set()
+
+
+def tool_context(client: EbsClient, workers: int, policy: RetryPolicy) -> FetchContext:
+    """The pipeline's shared state for one tool run: `workers` requests in flight."""
+    return FetchContext(
+        client, cache_bytes=TOOL_CACHE_BYTES, max_concurrency=workers, policy=policy
+    )
+
+
+def run_interruptibly(fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """`trio.run(fn, *args)`; Ctrl-C or SIGTERM cancels `fn` and raises KeyboardInterrupt
+    once its cleanup (finally blocks, which may not await) has run."""
+    return trio.run(_Interruptible(fn, args).run)
+
+
+class _Interruptible(Generic[T]):
+    def __init__(self, fn: Callable[..., Awaitable[T]], args: tuple[object, ...]) -> None:
+        self._fn = fn
+        self._args = args
+
+    async def run(self) -> T:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                try:
+                    return await self._fn(*self._args)
+                finally:
+                    nursery.cancel_scope.cancel()
+        # Only a signal cancels the scope before `fn` returns.
+        raise KeyboardInterrupt()
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
