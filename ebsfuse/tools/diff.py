@@ -3,8 +3,9 @@
 ListChangedBlocks is walked range by range through the pipeline's block map of the pair
 (`core.pipeline.open_changes`: checked pages, retries, one range in memory), and consecutive
 block indexes are merged into ranges as they arrive; each range is handed to the caller as
-soon as it is closed, so memory does not grow with the number of changes. A block counts as changed when the two snapshots
-read differently there: written in both with different content, or present in one only.
+soon as it is closed, so memory does not grow with the number of changes. A block counts as
+changed when the two snapshots read differently there: written in both with different content,
+or present in one only.
 """
 
 from __future__ import annotations
