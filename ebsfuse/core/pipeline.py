@@ -237,7 +237,11 @@ async def _fill(reader: SnapshotReader, slot: _Slot) -> None:
 def tool_context(client: EbsClient, workers: int, policy: RetryPolicy) -> FetchContext:
     """The pipeline's shared state for one tool run: `workers` requests in flight."""
     return FetchContext(
-        client, cache_bytes=TOOL_CACHE_BYTES, max_concurrency=workers, policy=policy
+        client,
+        cache_bytes=TOOL_CACHE_BYTES,
+        max_concurrency=workers,
+        policy=policy,
+        log_failures=False,
     )
 
 

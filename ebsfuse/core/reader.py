@@ -128,8 +128,12 @@ class FetchContext:
         cache_bytes: int,
         max_concurrency: int,
         policy: RetryPolicy | None = None,
+        log_failures: bool = True,
     ) -> None:
         self.client = client
+        # The daemon logs each failed block once (the kernel only sees EIO); a tool raises it
+        # to its command, which prints it as its one line.
+        self.failure_level = logging.ERROR if log_failures else logging.DEBUG
         self.cache = BlockCache(cache_bytes)
         self.cache_bytes = cache_bytes
         self.max_concurrency = max_concurrency
@@ -316,7 +320,7 @@ class SnapshotReader:
                 raise
             self.stats.failures += 1
             ctx.remember_failure(key, error)
-            log.error("%s (after %d attempts)", error, error.attempts)
+            log.log(ctx.failure_level, "%s (after %d attempts)", error, error.attempts)
             raise
         except BaseException as exc:
             flight.error = exc

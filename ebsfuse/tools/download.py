@@ -1,22 +1,22 @@
 """`ebsfuse download`: a snapshot to a sparse file or a block device, verified and resumable.
 
-Data path: the main thread streams the listing (`BlockLister`: ListSnapshotBlocks, or
-ListChangedBlocks for `--base`) and submits one task per listed block to a pool of worker
-threads; each worker fetches its block through `EbsClient.get_block` (length and SHA-256
-checked before a byte is used), retries with the shared `RetryPolicy`, and writes it with
-`pwrite` at its offset. Blocks of zeros are not written to a fresh file, so holes stay holes.
+Data path: the one block pipeline (`core.pipeline.ordered_blocks`) lists the snapshot (or, for
+`--base`, ListChangedBlocks) and fetches its blocks `workers` at a time, each checked for length
+and SHA-256 before a byte is used and retried by the shared policy; they arrive in ascending
+order and are written with `pwrite` at their offsets. Blocks of zeros are not written to a fresh
+file, so holes stay holes.
 
-Memory is bounded whatever the volume size: one listing page (at most 10,000 entries), a
-window of at most `WINDOW_PER_WORKER * workers` blocks between the oldest unfinished block and
-the newest submitted one (index and token only), and one 512 KiB buffer per worker.
+Memory is bounded whatever the volume size: one listing range (at most 10,000 entries) and at
+most `WINDOW_PER_WORKER * workers` fetched blocks waiting for their turn to be written.
 
 Resume: the output is written to `DEST.partial` (renamed to DEST only once every block is in
 place, so a file named DEST is always complete) and a small JSON sidecar `DEST.partial.state`
-records progress as a low-water mark -- every block below `done_below` is written -- plus the
-few blocks above it that finished early (fewer than the window). The sidecar is rewritten every
+records progress as a low-water mark: every block below `done_below` is written (blocks are
+written in order, so nothing above it is; `done_extra`, the blocks above it that an older
+version finished early, is still honoured). The sidecar is rewritten every
 `CHECKPOINT_INTERVAL_S` seconds, after an `fdatasync` of the data it vouches for, so after a
-kill, a crash or Ctrl-C `--resume` lists from `done_below`, skips the recorded blocks, and
-fetches only the rest. For a block device DEST the sidecar lives in the state directory
+kill, a crash or Ctrl-C `--resume` lists from `done_below` and fetches only the rest. For a
+block device DEST the sidecar lives in the state directory
 (`$XDG_STATE_HOME/ebsfuse`, default `~/.local/state/ebsfuse`).
 
 `--base OLD`: DEST holds OLD's image; only the blocks ListChangedBlocks names are fetched, and
@@ -26,7 +26,6 @@ while it is being changed, so an interrupted update never passes for either snap
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -37,16 +36,27 @@ import logging
 import os
 import stat
 import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import trio
+
 from .. import BLOCK_SIZE
-from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
+from ..core.blockmap import BlockMap
+from ..core.pipeline import (
+    describe,
+    open_changes,
+    open_snapshot,
+    ordered_blocks,
+    run_interruptibly,
+    tool_context,
+)
+from ..core.reader import FetchContext, SnapshotReader
+from ..ebs.client import ChangedBlock, EbsClient, validate_snapshot_id
 from ..ebs.errors import EbsfuseError
-from ..ebs.listing import BlockLister, ListedBlock, VolumeInfo
+from ..ebs.retry import RetryPolicy
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -58,10 +68,10 @@ STATE_VERSION = 1
 # vouches for must be on disk first); every 2 s bounds the work a crash loses to 2 s of
 # transfer while keeping the syncs rare enough not to matter for throughput.
 CHECKPOINT_INTERVAL_S = 2.0
-# Blocks allowed between the oldest unfinished block and the newest submitted one. It bounds
-# the resume sidecar (blocks done above the low-water mark) and the listing entries in memory,
-# and keeps every worker busy while one block is slow or being retried.
-WINDOW_PER_WORKER = 4
+# Fetched blocks allowed to wait for their turn to be written, per worker: two keeps every
+# worker busy while one block is slow or being retried, and bounds memory to
+# 2 x 64 x 512 KiB = 64 MiB with the default 64 workers.
+WINDOW_PER_WORKER = 2
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 # ioctl(BLKZEROOUT, [offset, length]): the device zeroes the range itself (loop devices punch
 # a hole in their file; SSDs use write-zeroes or discard), far cheaper than writing zeros.
@@ -72,10 +82,6 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 
 class DownloadInterrupted(EbsfuseError):
     """Ctrl-C (or SIGTERM) during a download; the state on disk is resumable."""
-
-
-class _Stopped(Exception):
-    """Raised inside a worker when the download is being abandoned."""
 
 
 @dataclass
@@ -181,66 +187,6 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-# -- progress bookkeeping -----------------------------------------------------------------
-
-
-class Tracker:
-    """Which submitted blocks are done, as a low-water mark plus a bounded window.
-
-    `inflight` maps block index -> done, in submission (= ascending index) order; finished
-    entries at its head are dropped, so its length is the window the producer bounds.
-    """
-
-    def __init__(self, start: int) -> None:
-        self._cond = threading.Condition()
-        self._inflight: dict[int, bool] = {}
-        self._next = start  # every index below this was submitted or is a hole
-        self.error: BaseException | None = None
-
-    def submitted(self, index: int, done: bool = False) -> None:
-        with self._cond:
-            self._inflight[index] = done
-            self._next = index + 1
-            self._trim()
-
-    def finished(self, index: int) -> None:
-        with self._cond:
-            self._inflight[index] = True
-            self._trim()
-            self._cond.notify_all()
-
-    def failed(self, error: BaseException) -> None:
-        with self._cond:
-            if self.error is None:
-                self.error = error
-            self._cond.notify_all()
-
-    def _trim(self) -> None:
-        inflight = self._inflight
-        while inflight:
-            head = next(iter(inflight))
-            if not inflight[head]:
-                break
-            del inflight[head]
-
-    def wait_room(self, window: int, timeout: float) -> None:
-        with self._cond:
-            if len(self._inflight) >= window and self.error is None:
-                self._cond.wait(timeout)
-
-    def room(self, window: int) -> bool:
-        with self._cond:
-            return len(self._inflight) < window
-
-    def mark(self) -> tuple[int, list[int]]:
-        """(done_below, done blocks above it): what a checkpoint may claim."""
-        with self._cond:
-            # After _trim the head of `inflight`, if any, is the oldest unfinished block.
-            low = next(iter(self._inflight), self._next)
-            extra = [i for i, done in self._inflight.items() if done and i > low]
-            return low, extra
 
 
 # -- the download ---------------------------------------------------------------------------
@@ -370,30 +316,11 @@ def download_snapshot(
             raise EbsfuseError(f"--base {base} is the snapshot being downloaded")
     started = time.monotonic()
     plan = _plan(snapshot_id, dest, opts)
-    lister = BlockLister(client, snapshot_id, first_snapshot_id=base, policy=opts.policy)
-    info = lister.describe()  # unknown or unrelated snapshots fail here, before any write
-    volume = info.volume_bytes
-    base_volume = None
-    if base is not None:
-        base_volume = BlockLister(client, base, policy=opts.policy).describe().volume_bytes
-    result = DownloadResult(
-        snapshot_id=snapshot_id,
-        base_snapshot_id=base,
-        dest=plan.dest,
-        volume_size=volume,
-        resumed=plan.resumed,
-    )
-    fd = _open_output(plan, opts, snapshot_id, volume, base_volume)
+    job = _Download(tool_context(client, opts.workers, opts.policy), snapshot_id, plan, opts)
     try:
-        _run(client, lister, info, plan, fd, opts, result)
-        if plan.device:
-            os.fsync(fd)
-        else:
-            if os.fstat(fd).st_size != volume:
-                os.ftruncate(fd, volume)  # an incremental to a smaller volume
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        result = run_interruptibly(job.run)
+    except KeyboardInterrupt:
+        raise DownloadInterrupted(job.interrupted_message()) from None
     if not plan.device:
         os.replace(plan.work_path, plan.dest)
         _fsync_dir(os.path.dirname(plan.dest))
@@ -490,161 +417,161 @@ def _new_state(plan: _Plan, snapshot_id: str, opts: DownloadOptions, volume: int
     )
 
 
-def _run(
-    client: EbsClient,
-    lister: BlockLister,
-    info: VolumeInfo,
-    plan: _Plan,
-    fd: int,
-    opts: DownloadOptions,
-    result: DownloadResult,
-) -> None:
-    assert plan.state is not None
-    state = plan.state
-    snapshot_id = lister.snapshot_id
-    start = state.done_below
-    skip = set(state.done_extra)  # bounded by the previous run's window
-    incremental = opts.base_snapshot_id is not None
-    # A full download to a device must zero what the snapshot does not list; a file starts
-    # as one big hole. An incremental leaves unlisted (unchanged) blocks alone.
-    zero_gaps = plan.device and not incremental
-    tracker = Tracker(start)
-    stop = threading.Event()
-    counts_lock = threading.Lock()
-    progress = Progress(f"{snapshot_id}", info.nblocks, enabled=opts.progress)
-    progress.advance(0, start)
-    window = max(16, WINDOW_PER_WORKER * opts.workers)
+class _Download:
+    """One download on trio: what is fetched, where it is written, how far it got."""
 
-    def stoppable_sleep(seconds: float) -> None:
-        if stop.wait(seconds):
-            raise _Stopped()
+    def __init__(
+        self, ctx: FetchContext, snapshot_id: str, plan: _Plan, opts: DownloadOptions
+    ) -> None:
+        self.ctx = ctx
+        self.snapshot_id = snapshot_id
+        self.plan = plan
+        self.opts = opts
+        self.done_below = plan.state.done_below if plan.state is not None else 0
+        self._fd = -1
+        self._last_checkpoint = time.monotonic()
 
-    def fetch(entry: ListedBlock) -> bytes:
-        return lister.fetch(client, entry, opts.policy, sleep=stoppable_sleep)
-
-    def work(entry: ListedBlock) -> None:
-        if stop.is_set():
-            raise _Stopped()
-        offset = entry.index * BLOCK_SIZE
-        written = fetched = zero = zeroed = 0
-        if entry.token is None:
-            # Only the base snapshot has this block: the new image reads zeros there.
-            zero_range(fd, offset, BLOCK_SIZE, plan.device)
-            zeroed = 1
-        else:
-            data = fetch(entry)
-            fetched = 1
-            if data == ZERO_BLOCK:
-                zero = 1
-                if not plan.fresh:
-                    zero_range(fd, offset, BLOCK_SIZE, plan.device)
-            else:
-                _pwrite_all(fd, data, offset)
-                written = len(data)
-        tracker.finished(entry.index)
-        with counts_lock:
-            result.blocks_fetched += fetched
-            result.zero_blocks += zero
-            result.blocks_zeroed += zeroed
-            result.bytes_written += written
-        progress.advance(BLOCK_SIZE * fetched)
-
-    def done_callback(future: concurrent.futures.Future[None]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None and not isinstance(error, _Stopped):
-            stop.set()
-            tracker.failed(error)
-
-    last_checkpoint = time.monotonic()
-
-    def checkpoint(force: bool = False) -> None:
-        nonlocal last_checkpoint
-        now = time.monotonic()
-        if not force and now - last_checkpoint < CHECKPOINT_INTERVAL_S:
-            return
-        last_checkpoint = now
-        low, extra = tracker.mark()
-        os.fdatasync(fd)  # the data first: the state must never vouch for unwritten blocks
-        state.done_below = low
-        state.done_extra = extra
-        state.save(plan.state_path)
-        progress.advance(0, low)
-
-    pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=opts.workers, thread_name_prefix="ebsfuse-download"
-    )
-    zeroed_to = start  # device: every index below this is written, zeroed or pending
-    try:
+    async def run(self) -> DownloadResult:
+        base = self.opts.base_snapshot_id
+        # Unknown or unrelated snapshots fail here, before anything is written.
+        info = await describe(self.ctx, self.snapshot_id)
+        reader = open_snapshot(self.ctx, info)
+        changes = base_volume = None
+        if base is not None:
+            base_info = await describe(self.ctx, base)
+            base_volume = base_info.size_bytes
+            changes = open_changes(self.ctx, base_info, info, reader.stats)
+            await changes.covering(0)
+        result = DownloadResult(
+            snapshot_id=self.snapshot_id,
+            base_snapshot_id=base,
+            dest=self.plan.dest,
+            volume_size=info.size_bytes,
+            resumed=self.plan.resumed,
+        )
+        self._fd = _open_output(
+            self.plan, self.opts, self.snapshot_id, info.size_bytes, base_volume
+        )
         try:
-            for entry in lister.iterate(start):
-                if zero_gaps and entry.index > zeroed_to:
-                    zero_range(
-                        fd, zeroed_to * BLOCK_SIZE, (entry.index - zeroed_to) * BLOCK_SIZE, True
-                    )
-                zeroed_to = entry.index + 1
-                result.blocks_listed += 1
-                if entry.index in skip:
-                    tracker.submitted(entry.index, done=True)
-                    result.blocks_already_done += 1
-                    continue
-                while not tracker.room(window) and tracker.error is None:
-                    tracker.wait_room(window, 0.5)
-                    checkpoint()
-                if tracker.error is not None:
-                    break
-                tracker.submitted(entry.index)
-                pool.submit(work, entry).add_done_callback(done_callback)
-                checkpoint()
-            if zero_gaps and tracker.error is None and info.nblocks > zeroed_to:
-                zero_range(
-                    fd, zeroed_to * BLOCK_SIZE, (info.nblocks - zeroed_to) * BLOCK_SIZE, True
-                )
-            while not tracker.room(1) and tracker.error is None:
-                tracker.wait_room(1, 0.5)
-                checkpoint()
-        except BaseException:
-            stop.set()
-            raise
+            self.done_below = self._state.done_below
+            await self._transfer(reader, changes, info.num_blocks, result)
+            if not self.plan.device and os.fstat(self._fd).st_size != info.size_bytes:
+                os.ftruncate(self._fd, info.size_bytes)  # an incremental to a smaller volume
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise _write_error(self.plan, exc) from None
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    except KeyboardInterrupt:
-        _final_checkpoint(checkpoint)
-        progress.close()
-        raise DownloadInterrupted(_interrupted_message(plan, tracker)) from None
-    except EbsfuseError:
-        _final_checkpoint(checkpoint)
-        progress.close()
-        raise
-    except OSError as exc:
-        _final_checkpoint(checkpoint)
-        progress.close()
-        raise EbsfuseError(f"cannot write {plan.work_path}: {exc.strerror}") from None
-    progress.close()
-    if tracker.error is not None:
-        _final_checkpoint(checkpoint)
-        error = tracker.error
-        if isinstance(error, EbsfuseError):
-            raise error
-        if isinstance(error, OSError):
-            if error.errno == errno.ENOSPC:
-                raise EbsfuseError(f"{plan.work_path}: no space left on the device") from None
-            raise EbsfuseError(f"cannot write {plan.work_path}: {error.strerror}") from None
-        raise error
+            os.close(self._fd)
+        return result
+
+    @property
+    def _state(self) -> DownloadState:
+        assert self.plan.state is not None  # _open_output made or loaded it
+        return self.plan.state
+
+    async def _wanted(
+        self, reader: SnapshotReader, changes: BlockMap[ChangedBlock] | None, skip: set[int]
+    ) -> AsyncGenerator[tuple[int, bool], None]:
+        """(index, fetch?) of every block to write from `done_below` on, ascending."""
+        if changes is None:
+            async for index, _ in reader.blockmap.listed(self.done_below):
+                yield index, index not in skip
+        else:
+            async for index, change in changes.listed(self.done_below):
+                # Only the base has it (no second token): the new image reads zeros there.
+                yield index, index not in skip and change.second_token is not None
+
+    async def _transfer(
+        self,
+        reader: SnapshotReader,
+        changes: BlockMap[ChangedBlock] | None,
+        nblocks: int,
+        result: DownloadResult,
+    ) -> None:
+        skip = set(self._state.done_extra)  # from an older version: bounded by its window
+        # A full download to a device must zero what the snapshot does not list; a file starts
+        # as one big hole. An incremental leaves unlisted (unchanged) blocks alone.
+        zero_gaps = self.plan.device and changes is None
+        window = WINDOW_PER_WORKER * self.ctx.max_concurrency
+        wanted = self._wanted(reader, changes, skip)
+        with Progress(self.snapshot_id, nblocks, enabled=self.opts.progress) as bar:
+            bar.advance(0, self.done_below)
+            try:
+                async with ordered_blocks(reader, wanted, window) as blocks:
+                    async for index, data in blocks:
+                        if zero_gaps:
+                            self._zero_blocks(self.done_below, index)
+                        result.blocks_listed += 1
+                        if index in skip:
+                            result.blocks_already_done += 1
+                        else:
+                            self._put(index, data, changes is not None, result)
+                        self.done_below = index + 1
+                        bar.advance(BLOCK_SIZE if data is not None else 0, self.done_below)
+                        await self._checkpoint()
+                if zero_gaps:
+                    self._zero_blocks(self.done_below, nblocks)
+            finally:
+                # Whatever ended the transfer (done, a failure, an interrupt): record how far
+                # it got. Blocking, as cleanup under a cancelled scope must be.
+                self._save_state()
+
+    def _put(
+        self, index: int, data: bytes | None, incremental: bool, result: DownloadResult
+    ) -> None:
+        """Write one block (or zeros where the new image has none) at its offset."""
+        offset = index * BLOCK_SIZE
+        if data is None:
+            if incremental:
+                result.blocks_zeroed += 1
+            if incremental or not self.plan.fresh:
+                zero_range(self._fd, offset, BLOCK_SIZE, self.plan.device)
+            return
+        result.blocks_fetched += 1
+        if data == ZERO_BLOCK:
+            result.zero_blocks += 1
+            if not self.plan.fresh:
+                zero_range(self._fd, offset, BLOCK_SIZE, self.plan.device)
+        else:
+            _pwrite_all(self._fd, data, offset)
+            result.bytes_written += len(data)
+
+    def _zero_blocks(self, start: int, end: int) -> None:
+        if end > start:
+            zero_range(self._fd, start * BLOCK_SIZE, (end - start) * BLOCK_SIZE, True)
+
+    async def _checkpoint(self) -> None:
+        """Every CHECKPOINT_INTERVAL_S: sync the data, then record how far it got."""
+        if time.monotonic() - self._last_checkpoint < CHECKPOINT_INTERVAL_S:
+            return
+        done_below = self.done_below
+        # The data first: the state must never vouch for unwritten blocks. In a thread, so
+        # fetches go on meanwhile; run to its end even if cancelled.
+        await trio.to_thread.run_sync(os.fdatasync, self._fd)
+        self._record(done_below)
+
+    def _save_state(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+            self._record(self.done_below)
+        except OSError as exc:
+            log.warning("could not save the resume state: %s", exc)
+
+    def _record(self, done_below: int) -> None:
+        state = self._state
+        state.done_below = done_below
+        state.done_extra = [i for i in state.done_extra if i >= done_below]
+        state.save(self.plan.state_path)
+        self._last_checkpoint = time.monotonic()
+
+    def interrupted_message(self) -> str:
+        return (
+            f"interrupted at block {self.done_below}; the partial download is kept at "
+            f"{self.plan.work_path}: run the same command with --resume to continue"
+        )
 
 
-def _final_checkpoint(checkpoint: Callable[..., None]) -> None:
-    try:
-        checkpoint(True)
-    except OSError as exc:
-        log.warning("could not save the resume state: %s", exc)
-
-
-def _interrupted_message(plan: _Plan, tracker: Tracker) -> str:
-    low, _ = tracker.mark()
-    where = plan.work_path
-    return (
-        f"interrupted at block {low}; the partial download is kept at {where}: "
-        "run the same command with --resume to continue"
-    )
+def _write_error(plan: _Plan, exc: OSError) -> EbsfuseError:
+    if exc.errno == errno.ENOSPC:
+        return EbsfuseError(f"{plan.work_path}: no space left on the device")
+    return EbsfuseError(f"cannot write {exc.filename or plan.work_path}: {exc.strerror}")

@@ -46,9 +46,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
 from .. import BLOCK_SIZE, GIB
-from ..ebs.client import EbsClient, RetryPolicy, call_with_retries, validate_snapshot_id
+from ..core.pipeline import describe_snapshot
+from ..ebs.client import EbsClient, validate_snapshot_id
 from ..ebs.errors import EbsError, EbsfuseError
-from ..ebs.listing import BlockLister
+from ..ebs.retry import RetryPolicy, call_with_retries
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def upload_image(
     parent_gib = 0
     if parent is not None:
         # One small listing: the parent exists, is completed, and how large its volume is.
-        parent_gib = BlockLister(client, parent, policy=opts.policy).describe().volume_size_gib
+        parent_gib = describe_snapshot(client, parent, opts.policy).volume_size_gib
         if opts.parent_manifest:
             header, records = read_manifest(opts.parent_manifest)
             if header.snapshot_id != parent:
