@@ -6,6 +6,7 @@ applies it to a blocking call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -19,6 +20,9 @@ from .errors import EbsError, NotSent
 log = logging.getLogger(__name__)
 
 
+# Past the policy, a caller's `keep_trying` waits grow no further than after this many failures
+# (0.2 s doubled 5 times is 6.4 s, capped by max_delay_s at 5 s).
+MAX_BACKOFF_DOUBLINGS = 5
 # A retry left with less than this is not started: it could not even connect and answer.
 MIN_ATTEMPT_S = 0.5
 
@@ -76,9 +80,18 @@ class Attempts:
     error reports and which error ends the loop are decided here only.
     """
 
-    def __init__(self, policy: RetryPolicy, remaining_s: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        remaining_s: Callable[[], float],
+        *,
+        keep_trying: Callable[[EbsError], bool] | None = None,
+    ) -> None:
         self.policy = policy
         self._remaining_s = remaining_s
+        # A caller's own reason to go on past the policy (upload: "the snapshot does not exist"
+        # for a while after StartSnapshot); its waits grow as the policy's would, capped.
+        self._keep_trying = keep_trying
         self.count = 1  # the attempt under way
         # The service's last answer, traceback-free: the failure's frames (and the body they
         # may hold) are not kept alive through the backoff.
@@ -87,6 +100,8 @@ class Attempts:
     def retry_after(self, failure: EbsError) -> float:
         """Seconds to wait before the next try; raises the final error when there is none."""
         delay = self.policy.retry_delay(failure, self.count, self._remaining_s())
+        if delay is None and self._keep_trying is not None and self._keep_trying(failure):
+            delay = self.policy.delay(min(self.count, MAX_BACKOFF_DOUBLINGS))
         if delay is None:
             raise self._final(failure)
         log.debug("%s; retrying (attempt %d)", failure, self.count)
@@ -113,11 +128,13 @@ def call_with_retries(
     policy: RetryPolicy,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    keep_trying: Callable[[EbsError], bool] | None = None,
 ) -> T:
     """Run `fn` (which raises `EbsError`) under the policy, blocking, until `policy.budget_s`
-    is spent; the error raised carries the number of attempts made."""
+    is spent (or `keep_trying` says no more); the error raised carries the attempts made."""
     started = time.monotonic()
-    attempts = Attempts(policy, lambda: policy.budget_s - (time.monotonic() - started))
+    remaining = functools.partial(_remaining, policy.budget_s, started)
+    attempts = Attempts(policy, remaining, keep_trying=keep_trying)
     while True:
         try:
             return fn()
@@ -126,3 +143,7 @@ def call_with_retries(
         # The backoff waits outside the `except` block, which would keep the error (and what
         # its frames hold) alive for the whole wait.
         sleep(delay)
+
+
+def _remaining(budget_s: float, started: float) -> float:
+    return budget_s - (time.monotonic() - started)

@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
@@ -361,12 +361,10 @@ def upload_image(
             if manifest is not None:
                 manifest.abort()
             raise
-        not_found_deadline = time.monotonic() + NOT_FOUND_GRACE_S
-        result.status = _retry_not_found(
+        result.status = call_with_retries(
             lambda: client.complete_snapshot(snapshot_id, result.blocks_written, aggregate),
             opts.policy,
-            not_found_deadline,
-            time.sleep,
+            keep_trying=_NotFoundGrace(),
         )
         if manifest is not None:
             manifest.commit()
@@ -386,24 +384,18 @@ def upload_image(
     return result
 
 
-def _retry_not_found(
-    fn: Callable[[], Any],
-    policy: RetryPolicy,
-    deadline: float,
-    sleep: Callable[[float], None],
-) -> Any:
-    """`call_with_retries`, and beyond its budget keep retrying "does not exist" until
-    `deadline`: right after StartSnapshot the new snapshot may not be visible yet."""
-    attempt = 0
-    while True:
-        try:
-            return call_with_retries(fn, policy, sleep=sleep)
-        except EbsError as error:
-            if error.code != "ResourceNotFoundException" or time.monotonic() >= deadline:
-                raise
-            attempt += 1
-            log.info("%s; retrying (eventual consistency)", error)
-            sleep(policy.delay(min(attempt, 5)))
+class _NotFoundGrace:
+    """Retry "the snapshot does not exist" past the policy until `NOT_FOUND_GRACE_S` after it
+    starts: right after StartSnapshot the new snapshot may not be visible yet."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + NOT_FOUND_GRACE_S
+
+    def __call__(self, error: EbsError) -> bool:
+        if error.code != "ResourceNotFoundException" or time.monotonic() >= self.deadline:
+            return False
+        log.info("%s; retrying (eventual consistency)", error)
+        return True
 
 
 def _send_blocks(
@@ -423,7 +415,7 @@ def _send_blocks(
     stop = threading.Event()
     errors: list[BaseException] = []
     errors_lock = threading.Lock()
-    not_found_deadline = time.monotonic() + NOT_FOUND_GRACE_S
+    not_found = _NotFoundGrace()
     progress = Progress(snapshot_id, total, enabled=opts.progress)
 
     def stoppable_sleep(seconds: float) -> None:
@@ -434,11 +426,11 @@ def _send_blocks(
         if stop.is_set():
             raise _Stopped()
         checksum = base64.b64encode(digest).decode()
-        _retry_not_found(
+        call_with_retries(
             lambda: client.put_block(snapshot_id, index, data, checksum),
             opts.policy,
-            not_found_deadline,
-            stoppable_sleep,
+            sleep=stoppable_sleep,
+            keep_trying=not_found,
         )
         progress.advance(len(data))
 
