@@ -21,14 +21,16 @@ request and its SHA-256 check run in worker threads):
    the FUSE handler and end the mount.
 
 A refused token (INVALID_BLOCK_TOKEN) drops the range from the block map and is retried once
-with a fresh token; checksum mismatches, throttling, 5xx and network errors are retried with the
-client's `RetryPolicy`; anything else fails at once.
+with a fresh token; checksum mismatches, throttling, 5xx and network errors are retried by the
+one retry loop (`ebs.retry.Attempts` under the context's `RetryPolicy`); anything else fails at
+once. The mount calls `read_block` directly; the snapshot tools reach it through
+`core.pipeline.ordered_blocks`.
 
 Bounds (README, "How a read works"): a flight gets its block or fails within the policy's
 budget (60 s by default) whatever the server does. Every request is given only what is left of
 it (and has its own deadline in the transport), no retry starts after it, and a cancel scope
 at the budget ends any wait (the block map's lock, a listing, the concurrency limit). A failed
-flight is logged once, with its attempts, and remembered for `FAILED_HOLD_S`: the kernel
+flight is logged once, with its attempts (by the daemon; a tool raises it to its command), and remembered for `FAILED_HOLD_S`: the kernel
 re-issues a failed read at once, and that re-issue fails at once instead of starting a new
 budget.
 """
