@@ -227,8 +227,8 @@ def test_changed_blocks_walk_lists_both_tokens(emu: Emulator, env: dict[str, str
     ctx = tool_context(client, 2, FAST)
 
     async def main() -> list[tuple[int, bool, bool]]:
-        first, second = await describe(ctx, parent), await describe(ctx, child)
-        changes = open_changes(ctx, first, second, ReadStats())
+        changes, gib = await open_changes(ctx, parent, child, ReadStats())
+        assert gib == 1
         return [
             (i, c.first_token is not None, c.second_token is not None)
             async for i, c in changes.listed()

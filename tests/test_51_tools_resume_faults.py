@@ -137,6 +137,34 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_download(
     assert_volume_holds(out, image)
 
 
+@pytest.mark.parametrize("command", ["download", "hash"])
+def test_sigterm_ends_a_tool_like_ctrl_c(
+    emu: Emulator,
+    env: dict[str, str],
+    workdir: Path,
+    slow_snapshot: tuple[str, Path, set[int]],
+    command: str,
+) -> None:
+    """SIGTERM cancels the pipeline's work: exit 130, one line, and a download stays resumable."""
+    sid, _, indexes = slow_snapshot
+    out = workdir / "out.img"
+    emu.set_faults(latency_ms=100)  # 2 workers: 40 blocks take 2 s
+    args = [sid, str(out)] if command == "download" else [sid]
+    with started(
+        [command, *args, "--workers", "2"], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        wait_for(lambda: gets(emu) >= 3, what="gets")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert stdout == ""  # no digest, no report: the job did not finish
+    assert gets(emu) < len(indexes)  # it stopped fetching
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], stderr
+    if command == "download":
+        assert "--resume" in lines[0] and (workdir / "out.img.partial.state").exists()
+
+
 def test_interrupted_incremental_download_resumes(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 COMMANDS = (
     "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info",
-    "browse", "restore", "hash", "emulator",
+    "browse", "restore", "hash", "cache", "emulator",
 )  # fmt: skip
 
 # mount(8) and mount.fuse3 pass generic options along; they mean nothing for a read-only
@@ -221,7 +221,8 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
             out_flags.append(f"--{key_flag}")
         elif key_flag in (
             "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
-            "block-timeout", "max-rps", "log-level", "log-file", "audit-log",
+            "block-timeout", "max-rps", "log-level", "log-file", "audit-log", "cache-dir",
+            "cache-dir-size", "base",
         ):  # fmt: skip
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
+from ..ebs.errors import UsageError
 
 if TYPE_CHECKING:
     from ..ebs.client import ClientSettings
@@ -117,8 +118,40 @@ def client_settings(args: argparse.Namespace, max_pool_connections: int = 64) ->
     )
 
 
+def add_cache_dir_arguments(p: argparse.ArgumentParser, *, base: bool = True) -> None:
+    """The disk tier and lineage options of every command that reads blocks."""
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep verified blocks in DIR too, for later runs and other processes (0700)",
+    )
+    p.add_argument(
+        "--cache-dir-size",
+        type=cache_size,
+        metavar="SIZE",
+        help="bytes the cache directory may hold (K/M/G/T; default 10%% of the free space)",
+    )
+    if base:
+        p.add_argument(
+            "--base",
+            dest="base_ids",
+            action="append",
+            default=[],
+            metavar="SNAPSHOT_ID",
+            help="an ancestor whose blocks in --cache-dir serve unchanged blocks (repeatable)",
+        )
+
+
+def cache_dir_of(args: argparse.Namespace) -> str | None:
+    """--cache-dir as an absolute path; --cache-dir-size without it is refused."""
+    if args.cache_dir_size is not None and not args.cache_dir:
+        raise UsageError("--cache-dir-size needs --cache-dir")
+    return os.path.abspath(args.cache_dir) if args.cache_dir else None
+
+
 def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
     """Options of a mount daemon: `mount`, and the private mounts of browse and restore."""
+    add_cache_dir_arguments(p)
     p.add_argument(
         "--cache-size",
         type=cache_size,
@@ -160,5 +193,8 @@ def mount_options(
         max_rps=args.max_rps,
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        cache_dir=cache_dir_of(args),
+        cache_dir_size=args.cache_dir_size,
+        base_ids=list(args.base_ids),
         **extra,  # type: ignore[arg-type]
     )

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -20,7 +21,15 @@ from typing import Any
 
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsfuseError
-from .options import PROG, add_client_arguments, client_settings, positive_int, seconds
+from .options import (
+    PROG,
+    add_cache_dir_arguments,
+    add_client_arguments,
+    cache_dir_of,
+    client_settings,
+    positive_int,
+    seconds,
+)
 
 _TAG_RE = re.compile(r"^([^=]{1,127})=(.{0,255})$", re.DOTALL)
 MAX_TAGS = 50  # the API's limit
@@ -127,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     down.add_argument("--force", action="store_true", help="overwrite DEST; start over")
     down.add_argument("--resume", action="store_true", help="continue an interrupted download")
+    add_cache_dir_arguments(down, base=False)
     _common(down, workers=True)
     down.set_defaults(func=cmd_download)
 
@@ -140,6 +150,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("snapshot", metavar="SNAPSHOT_ID")
     _common(info, workers=False)
     info.set_defaults(func=cmd_info)
+
+    cache = sub.add_parser("cache", help="what a --cache-dir holds; drop or clear it")
+    cache.add_argument("action", choices=["stats", "drop", "clear"])
+    cache.add_argument("snapshot", nargs="?", metavar="SNAPSHOT_ID", help="for drop")
+    cache.add_argument("--cache-dir", required=True, metavar="DIR")
+    cache.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    cache.set_defaults(func=cmd_cache)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -236,6 +253,8 @@ def cmd_download(args: argparse.Namespace) -> int:
         base_snapshot_id=args.base,
         policy=_policy(args),
         progress=_progress(args),
+        cache_dir=cache_dir_of(args),
+        cache_dir_size=args.cache_dir_size,
     )
     try:
         result = download_snapshot(_client(args, args.workers), args.snapshot, args.dest, opts)
@@ -335,3 +354,40 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 assert BLOCK_SIZE == 524288  # the tools' offsets assume the API's only block size
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from ..core.diskcache import ENTRY_SIZE, DiskCache
+    from ..tools.progress import human_bytes
+
+    if args.action == "drop" and not args.snapshot:
+        raise EbsfuseError("cache drop needs the SNAPSHOT_ID whose blocks to drop")
+    if args.action != "drop" and args.snapshot:
+        raise EbsfuseError(f"cache {args.action} takes no snapshot id")
+    if not os.path.isdir(args.cache_dir):
+        raise EbsfuseError(f"cache directory {args.cache_dir} does not exist")
+    disk = DiskCache(args.cache_dir, max_bytes=ENTRY_SIZE)  # no limit to apply here
+    try:
+        if args.action == "drop":
+            dropped = disk.drop(args.snapshot)
+            doc: dict[str, object] = {"dropped_blocks": dropped, "snapshot_id": args.snapshot}
+            line = f"dropped {dropped} blocks of {args.snapshot}"
+        elif args.action == "clear":
+            dropped = disk.clear()
+            doc = {"dropped_blocks": dropped}
+            line = f"dropped {dropped} blocks"
+        else:
+            doc = disk.summary()
+            del doc["limit"]
+            line = _cache_table(doc, human_bytes)
+    finally:
+        disk.close()
+    print(json.dumps(doc) if args.json else line)
+    return 0
+
+
+def _cache_table(doc: dict[str, Any], human: Any) -> str:
+    rows = [f"{doc['directory']}: {doc['entries']} blocks, {human(doc['bytes'])}"]
+    for sid, entry in doc["snapshots"].items():
+        rows.append(f"  {sid}  {entry['blocks']:>9} blocks  {human(entry['bytes']):>10}")
+    return "\n".join(rows)

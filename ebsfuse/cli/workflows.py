@@ -18,8 +18,10 @@ from types import FrameType
 
 from .options import (
     PROG,
+    add_cache_dir_arguments,
     add_client_arguments,
     add_daemon_arguments,
+    cache_dir_of,
     client_settings,
     mount_options,
     positive_int,
@@ -71,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h = sub.add_parser("hash", help="SHA-256 (and MD5) of a snapshot's whole disk image")
     h.add_argument("snapshot", metavar="SNAPSHOT_ID")
     add_client_arguments(h)
+    add_cache_dir_arguments(h)
     h.add_argument("--md5", action="store_true", help="also compute the MD5")
     h.add_argument(
         "--workers", type=positive_int, default=32, help="requests in flight (default 32)"
@@ -112,6 +115,12 @@ def _keeper_argv(args: argparse.Namespace) -> list[str]:
             argv += [flag, value]
     argv += ["--cache-size", str(args.cache_size), "--max-concurrency", str(args.max_concurrency)]
     argv += ["--log-level", args.log_level]
+    if args.cache_dir:
+        argv += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    if args.cache_dir_size is not None:
+        argv += ["--cache-dir-size", str(args.cache_dir_size)]
+    for base in args.base_ids:
+        argv += ["--base", base]
     return argv
 
 
@@ -176,7 +185,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    from ..ebs.client import EbsClient
+    from ..ebs.client import EbsClient, RetryPolicy
     from ..tools.hashing import HashInterrupted, hash_snapshot
     from ..tools.progress import human_bytes, progress_wanted
 
@@ -189,7 +198,11 @@ def cmd_hash(args: argparse.Namespace) -> int:
             args.snapshot,
             workers=args.workers,
             md5=args.md5,
+            policy=RetryPolicy(budget_s=args.block_timeout),
             progress=progress_wanted(args.quiet or args.json),
+            cache_dir=cache_dir_of(args),
+            cache_dir_size=args.cache_dir_size,
+            base_ids=args.base_ids,
         )
     except HashInterrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)

@@ -34,10 +34,13 @@ import trio
 
 from .. import BLOCK_SIZE, GIB
 from ..ebs.client import BlockPage, ChangedBlock, EbsClient, validate_snapshot_id
-from ..ebs.errors import EbsError
+from ..ebs.errors import EbsError, UsageError
+from ..ebs.pages import MAX_VOLUME_GIB
 from ..ebs.retry import RetryPolicy
-from .blockmap import DEFAULT_MAX_TOKENS, BlockMap, V
-from .reader import FetchContext, SnapshotReader
+from .blockmap import DEFAULT_MAX_TOKENS, BlockMap
+from .diskcache import DiskCache
+from .lineage import Lineage
+from .reader import FetchContext, PageLister, SnapshotReader
 from .stats import ReadStats
 
 T = TypeVar("T")
@@ -45,6 +48,10 @@ T = TypeVar("T")
 # The describe call needs only VolumeSize and BlockSize; 100 is the smallest page botocore
 # accepts, so opening a snapshot costs one small request however large the volume.
 DESCRIBE_PAGE = 100
+# Block indexes of the largest EBS volume (64 TiB).
+MAX_VOLUME_BLOCKS = MAX_VOLUME_GIB * GIB // BLOCK_SIZE
+# The largest page the list calls give: a walk's first call (see `describe`).
+WALK_PAGE = 10000
 # A tool's memory cache: the stream hands each block to its consumer once, so the cache only
 # has to hold the few blocks that two steps of one command read twice (none today).
 TOOL_CACHE_BYTES = 8 * BLOCK_SIZE
@@ -68,30 +75,18 @@ class SnapshotInfo:
         return math.ceil(self.size_bytes / self.block_size)
 
 
-class PageLister(Generic[V]):
-    """One checked listing page for a block map, retried within the context's budget."""
-
-    def __init__(
-        self, ctx: FetchContext, stats: ReadStats, request: Callable[..., BlockPage[V]]
-    ) -> None:
-        self._ctx = ctx
-        self._stats = stats
-        self._request = request  # request(start_index=, next_token=, timeout=) -> page
-
-    async def __call__(self, start_index: int | None, next_token: str | None) -> BlockPage[V]:
-        request = functools.partial(self._request, start_index=start_index, next_token=next_token)
-        deadline = trio.current_time() + self._ctx.policy.budget_s
-        return await self._ctx.with_retries(request, self._stats, deadline)
-
-
-async def describe(ctx: FetchContext, snapshot_id: str) -> SnapshotInfo:
-    """One small ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable.
+async def describe(
+    ctx: FetchContext, snapshot_id: str, *, max_results: int = DESCRIBE_PAGE
+) -> SnapshotInfo:
+    """One ListSnapshotBlocks call: the volume's size, and proof the snapshot is readable.
 
     The page is checked like every other (`pages.block_page`): a VolumeSize outside the EBS
-    range or a block size other than 512 KiB refuses the snapshot with one line.
+    range or a block size other than 512 KiB refuses the snapshot with one line. A tool that
+    walks the whole listing asks for a full `WALK_PAGE`: the block map keeps it, so the walk
+    starts where it ends instead of listing the start again.
     """
     validate_snapshot_id(snapshot_id)
-    request = functools.partial(ctx.client.list_blocks, snapshot_id, max_results=DESCRIBE_PAGE)
+    request = functools.partial(ctx.client.list_blocks, snapshot_id, max_results=max_results)
     deadline = trio.current_time() + ctx.policy.budget_s
     page = await ctx.with_retries(request, ReadStats(), deadline)
     return SnapshotInfo(snapshot_id, page.volume_size_gib, page.block_size, page)
@@ -121,25 +116,24 @@ def open_snapshot(
     return SnapshotReader(info.snapshot_id, blockmap, ctx, stats)
 
 
-def open_changes(
-    ctx: FetchContext, first: SnapshotInfo, second: SnapshotInfo, stats: ReadStats
-) -> BlockMap[ChangedBlock]:
-    """The blocks that differ between two snapshots (ListChangedBlocks), learned by range.
+async def open_changes(
+    ctx: FetchContext, first: str, second: str, stats: ReadStats
+) -> tuple[BlockMap[ChangedBlock], int]:
+    """The blocks that differ between two snapshots (ListChangedBlocks), learned by range, and
+    the second snapshot's VolumeSize in GiB, from the first page (kept by the map).
 
-    Indexes run to the end of the larger volume: a block only the larger first snapshot has
-    is listed too.
+    Indexes may run past the second volume (a block only a larger first snapshot has), so the
+    map spans the largest EBS volume; its last page proves the rest unchanged.
     """
-    request = functools.partial(
-        ctx.client.list_changed_blocks,
-        second.snapshot_id,
-        first.snapshot_id,
-        volume_size_gib=second.volume_size_gib,
+    request = functools.partial(ctx.client.list_changed_blocks, second, first)
+    first_page = await PageLister(ctx, stats, request)(None, None)
+    gib = first_page.volume_size_gib
+    checked = functools.partial(request, volume_size_gib=gib)
+    changes: BlockMap[ChangedBlock] = BlockMap(
+        f"{first}..{second}", MAX_VOLUME_BLOCKS, PageLister(ctx, stats, checked)
     )
-    return BlockMap(
-        f"{first.snapshot_id}..{second.snapshot_id}",
-        max(first.num_blocks, second.num_blocks),
-        PageLister(ctx, stats, request),
-    )
+    changes.seed(first_page)
+    return changes, gib
 
 
 async def listed_blocks(
@@ -150,6 +144,11 @@ async def listed_blocks(
         yield index, True
 
 
+# Where a block goes as soon as it arrives, out of order, when its consumer does not need
+# it in order (download writes each at its offset): (index, verified bytes or None).
+Sink = Callable[[int, bytes | None], None]
+
+
 class _Slot:
     """One block of the stream: filled by its fetch task, handed out in index order."""
 
@@ -158,7 +157,7 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.data: bytes | None = None
-        self.error: EbsError | None = None
+        self.error: Exception | None = None
         self.done = trio.Event()
 
 
@@ -178,71 +177,117 @@ class OrderedBlocks:
             raise StopAsyncIteration from None
         await slot.done.wait()
         if slot.error is not None:
-            raise slot.error.fresh()
+            raise slot.error.fresh() if isinstance(slot.error, EbsError) else slot.error
         return slot.index, slot.data
 
 
 @contextlib.asynccontextmanager
 async def ordered_blocks(
-    reader: SnapshotReader, wanted: AsyncGenerator[tuple[int, bool], None], window: int
+    reader: SnapshotReader,
+    wanted: AsyncGenerator[tuple[int, bool], None],
+    window: int,
+    sink: Sink | None = None,
 ) -> AsyncIterator[OrderedBlocks]:
     """`wanted` (index, fetch?) pairs, ascending, as (index, verified bytes or None), in order.
 
     Blocks marked for fetching are read through `reader.read_block` (the mount's own path: the
-    token, the retries, the checks) at most `window` ahead of the consumer, so memory holds at
-    most `window + 2` blocks whatever the volume size; the others come back as None at once.
-    The first failure, of a listing or of a block, is raised to the consumer at its place in
-    the order. Leaving the context cancels whatever is still being fetched.
+    token, the retries, the checks) at most `window` ahead of the consumer; the others come
+    back as None at once. Without a `sink` the bytes travel with the order, so memory holds at
+    most `window + 2` blocks; with one, each block is handed to `sink` the moment it arrives
+    and the order carries only its index, so memory holds only the requests in flight. The
+    first failure, of a listing, a block or the sink, is raised to the consumer at its place
+    in the order. Leaving the context cancels whatever is still being fetched.
     """
     send, receive = trio.open_memory_channel[_Slot](max(1, window))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_produce, reader, wanted, send, nursery)
+        stream = _Stream(reader, sink, nursery)
+        nursery.start_soon(stream.produce, wanted, send)
         try:
             yield OrderedBlocks(receive)
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _produce(
-    reader: SnapshotReader,
-    wanted: AsyncGenerator[tuple[int, bool], None],
-    send: trio.MemorySendChannel[_Slot],
-    nursery: trio.Nursery,
-) -> None:
-    async with send, contextlib.aclosing(wanted):
-        try:
-            async for index, fetch in wanted:
-                slot = _Slot(index)
-                if fetch:
-                    nursery.start_soon(_fill, reader, slot)
-                else:
-                    slot.done.set()
+class _Stream:
+    """The producing side: a slot per wanted block, a fetch task per block to fetch."""
+
+    def __init__(self, reader: SnapshotReader, sink: Sink | None, nursery: trio.Nursery) -> None:
+        self._reader = reader
+        self._sink = sink
+        self._nursery = nursery
+
+    async def produce(
+        self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
+    ) -> None:
+        async with send, contextlib.aclosing(wanted):
+            try:
+                async for index, fetch in wanted:
+                    slot = _Slot(index)
+                    if fetch:
+                        self._nursery.start_soon(self._fill, slot)
+                    else:
+                        self._settle(slot, None)
+                    await send.send(slot)
+            except EbsError as error:
+                slot = _Slot(-1)
+                slot.error = error.fresh()
+                slot.done.set()
                 await send.send(slot)
+
+    async def _fill(self, slot: _Slot) -> None:
+        try:
+            data = await self._reader.read_block(slot.index)
         except EbsError as error:
-            slot = _Slot(-1)
             slot.error = error.fresh()
             slot.done.set()
-            await send.send(slot)
+            return
+        self._settle(slot, data)
+
+    def _settle(self, slot: _Slot, data: bytes | None) -> None:
+        try:
+            if self._sink is None:
+                slot.data = data
+            else:
+                self._sink(slot.index, data)
+        except Exception as error:  # the sink's (a write that failed): raised in order
+            slot.error = error
+        finally:
+            slot.done.set()
 
 
-async def _fill(reader: SnapshotReader, slot: _Slot) -> None:
-    try:
-        slot.data = await reader.read_block(slot.index)
-    except EbsError as error:
-        slot.error = error.fresh()
-    finally:
-        slot.done.set()
-
-
-def tool_context(client: EbsClient, workers: int, policy: RetryPolicy) -> FetchContext:
-    """The pipeline's shared state for one tool run: `workers` requests in flight."""
-    return FetchContext(
+def tool_context(
+    client: EbsClient,
+    workers: int,
+    policy: RetryPolicy,
+    *,
+    cache_dir: str | None = None,
+    cache_dir_size: int | None = None,
+) -> FetchContext:
+    """The pipeline's shared state for one tool run: `workers` requests in flight, and the
+    disk tier when `cache_dir` is given (refused in one line if it cannot be used)."""
+    ctx = FetchContext(
         client,
         cache_bytes=TOOL_CACHE_BYTES,
         max_concurrency=workers,
         policy=policy,
         log_failures=False,
     )
+    if cache_dir:
+        ctx.disk = DiskCache(cache_dir, cache_dir_size)
+    return ctx
+
+
+async def borrow_from_bases(ctx: FetchContext, info: SnapshotInfo, base_ids: list[str]) -> None:
+    """Let `info`'s snapshot take unchanged blocks from its bases' entries in the disk tier."""
+    if not base_ids:
+        return
+    if ctx.disk is None:
+        raise UsageError("--base needs --cache-dir: the base's blocks are read from there")
+    lineage = Lineage(ctx)
+    lineage.add(info.snapshot_id, info.num_blocks)
+    for base in base_ids:
+        lineage.add(base, (await describe(ctx, base)).num_blocks)
+    ctx.lineage = lineage
 
 
 def run_interruptibly(fn: Callable[..., Awaitable[T]], *args: object) -> T:

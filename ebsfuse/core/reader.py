@@ -30,9 +30,9 @@ Bounds (README, "How a read works"): a flight gets its block or fails within the
 budget (60 s by default) whatever the server does. Every request is given only what is left of
 it (and has its own deadline in the transport), no retry starts after it, and a cancel scope
 at the budget ends any wait (the block map's lock, a listing, the concurrency limit). A failed
-flight is logged once, with its attempts (by the daemon; a tool raises it to its command), and remembered for `FAILED_HOLD_S`: the kernel
-re-issues a failed read at once, and that re-issue fails at once instead of starting a new
-budget.
+flight is logged once, with its attempts (by the daemon; a tool raises it to its command),
+and remembered for `FAILED_HOLD_S`: the kernel re-issues a failed read at once, and that
+re-issue fails at once instead of starting a new budget.
 """
 
 from __future__ import annotations
@@ -44,15 +44,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import cachetools
 import trio
 
 from ..ebs.client import EbsClient
 from ..ebs.errors import EbsError, NotSent
+from ..ebs.pages import BlockPage
 from ..ebs.retry import MIN_ATTEMPT_S, Attempts, RetryPolicy
-from .blockmap import BlockMap
+from .blockmap import BlockMap, V
+from .diskcache import DiskCache
 from .stats import ReadStats
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ Key = tuple[str, int]
 T = TypeVar("T")
 
 
+# Threads reading the disk tier at once: enough to keep a local disk busy, few enough that
+# they never crowd out the requests to the service.
+DISK_THREADS = 8
 # How long a failed block fails again at once. The kernel re-issues a failed read straight
 # away (and again in smaller pieces); each would otherwise start a new budget, so a reader
 # waited minutes. Short enough that a user trying again a little later gets a fresh attempt.
@@ -87,6 +92,12 @@ class _Flight:
         self.event = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+
+
+class Borrower(Protocol):
+    """A tier that may serve one snapshot's block from another's cached bytes (`lineage`)."""
+
+    async def borrow(self, snapshot_id: str, index: int) -> bytes | None: ...
 
 
 class BlockCache(cachetools.LRUCache):
@@ -144,6 +155,30 @@ class FetchContext:
         self.inflight: dict[Key, _Flight] = {}
         self.failed: OrderedDict[Key, tuple[float, EbsError]] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        # The tiers below memory, set by whoever opens the context (`pipeline`): blocks on disk
+        # (`--cache-dir`), and blocks borrowed from related snapshots' caches.
+        self.disk: DiskCache | None = None
+        self.lineage: Borrower | None = None
+        # Disk reads get threads of their own: a cached block is not queued behind 64
+        # requests to the service.
+        self.disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+    async def from_disk(self, snapshot_id: str, index: int) -> bytes | None:
+        """The block from the disk tier (checked there), or None; never raises."""
+        if self.disk is None:
+            return None
+        return await trio.to_thread.run_sync(
+            self.disk.get, snapshot_id, index, limiter=self.disk_limiter
+        )
+
+    def held(self, snapshot_id: str, index: int) -> bool:
+        """Whether memory or disk holds the block, without reading it."""
+        key = (snapshot_id, index)
+        return key in self.cache or (self.disk is not None and key in self.disk)
 
     async def with_retries(
         self,
@@ -332,9 +367,13 @@ class SnapshotReader:
             flight.event.set()
 
     def _timed_get(self, index: int, token: str, *, timeout: float) -> tuple[bytes, float]:
+        """In a worker thread: the verified block, stored on disk too when there is a disk tier."""
         started = time.monotonic()
         data = self.ctx.client.get_block(self.snapshot_id, index, token, timeout=timeout)
-        return data, time.monotonic() - started
+        seconds = time.monotonic() - started
+        if self.ctx.disk is not None:
+            self.ctx.disk.put(self.snapshot_id, index, data)
+        return data, seconds
 
     async def _load(self, index: int, deadline: float) -> bytes | None:
         """The verified block, or None for a hole, by trio's clock reaching `deadline`."""
@@ -349,6 +388,11 @@ class SnapshotReader:
         )
 
     async def _load_by(self, index: int, deadline: float) -> bytes | None:
+        known, token = self.blockmap.cached_lookup(index)
+        if not (known and token is None):
+            data = await self._from_tiers(index)
+            if data is not None:
+                return data
         token = await self.blockmap.lookup(index)
         if token is None:
             self.stats.hole_reads += 1
@@ -368,6 +412,27 @@ class SnapshotReader:
             return None
         return await self._fetch(index, token, deadline)
 
+    async def _from_tiers(self, index: int) -> bytes | None:
+        """The block from disk, or borrowed from a related snapshot, before any request."""
+        data = await self.ctx.from_disk(self.snapshot_id, index)
+        if data is not None:
+            self.stats.disk_hits += 1
+            return data
+        if self.ctx.lineage is not None:
+            data = await self.ctx.lineage.borrow(self.snapshot_id, index)
+            if data is not None:
+                self.stats.lineage_hits += 1
+                if self.ctx.disk is not None:
+                    await trio.to_thread.run_sync(
+                        self.ctx.disk.put,
+                        self.snapshot_id,
+                        index,
+                        data,
+                        limiter=self.ctx.disk_limiter,
+                    )
+                return data
+        return None
+
     async def _fetch(self, index: int, token: str, deadline: float) -> bytes:
         request = functools.partial(self._timed_get, index, token)
         data, seconds = await self.ctx.with_retries(
@@ -376,3 +441,23 @@ class SnapshotReader:
         self.stats.latency.add(seconds)  # here, on the trio thread: no lost updates
         self.stats.bytes_fetched += len(data)
         return data
+
+
+class PageLister(Generic[V]):
+    """One checked listing page for a block map, retried within the context's budget."""
+
+    def __init__(
+        self, ctx: FetchContext, stats: ReadStats, request: Callable[..., BlockPage[V]]
+    ) -> None:
+        self._ctx = ctx
+        self._stats = stats
+        self._request = request  # request(start_index=, next_token=, timeout=) -> page
+
+    async def __call__(self, start_index: int | None, next_token: str | None) -> BlockPage[V]:
+        # From block 0 the listing starts at the volume's start: no StartingBlockIndex, and an
+        # error names the snapshot, not a "block 0".
+        request = functools.partial(
+            self._request, start_index=start_index or None, next_token=next_token
+        )
+        deadline = trio.current_time() + self._ctx.policy.budget_s
+        return await self._ctx.with_retries(request, self._stats, deadline)

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import BLOCK_SIZE
+
 # Hidden (not listed, but open-able) file with the mount's counters as JSON, read by
 # `ebsfuse stats MOUNTPOINT`: no socket or extra process needed to ask the daemon. Named here,
 # in a module with no FUSE in it, so that command reads it without loading pyfuse3 or trio.
@@ -55,6 +57,8 @@ class ReadStats:
 
     cache_hits: int = 0
     cache_misses: int = 0
+    disk_hits: int = 0
+    lineage_hits: int = 0
     hole_reads: int = 0
     shared_flights: int = 0
     get_requests: int = 0
@@ -81,7 +85,17 @@ class ReadStats:
             "retries": dict(self.retries),
             "failures": self.failures,
             "bytes_fetched": self.bytes_fetched,
-            "cache": {"hits": self.cache_hits, "misses": self.cache_misses},
+            "cache": {
+                "hits": self.cache_hits,
+                "disk_hits": self.disk_hits,
+                "lineage_hits": self.lineage_hits,
+                "misses": self.cache_misses,
+            },
+            # Blocks served by a tier below memory: each a GetSnapshotBlock not sent.
+            "saved": {
+                "requests": self.disk_hits + self.lineage_hits,
+                "bytes": (self.disk_hits + self.lineage_hits) * BLOCK_SIZE,
+            },
             "hole_reads": self.hole_reads,
             "shared_flights": self.shared_flights,
             "token_refusals": self.token_refusals,

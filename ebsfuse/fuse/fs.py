@@ -36,6 +36,7 @@ import trio
 
 from .. import BLOCK_SIZE
 from ..core.image import SnapshotImage
+from ..core.lineage import Lineage
 from ..core.partitions import Partition, PartitionTable, detect_partitions
 from ..core.readahead import ReadaheadWindow
 from ..core.stats import STATS_NAME
@@ -300,8 +301,22 @@ class SnapshotFS(pyfuse3.Operations):
             snapshots[image.snapshot_id] = snapshot_stats
         any_image = next(iter(self.images.values()))
         ctx = any_image.reader.ctx
-        return {
+        out: dict[str, object] = {
             "cache": {"bytes": ctx.cache.current_bytes, "limit": ctx.cache_bytes},
+        }
+        if ctx.disk is not None:
+            out["disk_cache"] = {
+                "directory": ctx.disk.directory,
+                "limit": ctx.disk.max_bytes,
+                "storing": ctx.disk.writable,
+                **ctx.disk.stats.as_dict(),
+            }
+        if isinstance(ctx.lineage, Lineage):
+            out["lineage"] = {
+                "snapshots": ctx.lineage.members,
+                "requests": {"ListChangedBlocks": ctx.lineage.list_calls},
+            }
+        return out | {
             "requests_in_flight": len(ctx.inflight),
             "max_concurrency": ctx.max_concurrency,
             "rate": ctx.client.rate_limiter.snapshot(),

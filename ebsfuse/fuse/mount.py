@@ -25,11 +25,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .. import DEFAULT_TIMEOUT_S
+from ..core.diskcache import DiskCache
 from ..ebs.errors import EbsfuseError, UsageError
 from ..ebs.ids import validate_snapshot_id
 from . import mountinfo
@@ -71,6 +72,9 @@ class MountOptions:
     log_file: str | None = None
     ready_fd: int | None = None
     kernel_tuning: bool = True
+    cache_dir: str | None = None
+    cache_dir_size: int | None = None
+    base_ids: list[str] = field(default_factory=list)
 
     def daemon_argv(self, ready_fd: int) -> list[str]:
         argv = [
@@ -97,6 +101,12 @@ class MountOptions:
         if self.max_rps is not None:
             argv += ["--max-rps", repr(self.max_rps)]
         argv += ["--log-level", self.log_level]
+        if self.cache_dir:
+            argv += ["--cache-dir", self.cache_dir]
+        if self.cache_dir_size is not None:
+            argv += ["--cache-dir-size", str(self.cache_dir_size)]
+        for base in self.base_ids:
+            argv += ["--base", base]
         if self.allow_other:
             argv.append("--allow-other")
         if not self.kernel_tuning:
@@ -119,6 +129,14 @@ def check_options(opts: MountOptions) -> None:
         seen.add(sid)
     if opts.max_concurrency < 1:
         raise UsageError("--max-concurrency must be at least 1")
+    for base in opts.base_ids:
+        validate_snapshot_id(base)
+        if base in seen:
+            raise UsageError(f"--base {base} is also mounted")
+    if opts.base_ids and not opts.cache_dir:
+        raise UsageError("--base needs --cache-dir: the base's blocks are read from there")
+    if opts.cache_dir:
+        DiskCache(opts.cache_dir, opts.cache_dir_size).close()  # refused here, in one line
     check_mountpoint(opts.mountpoint)
     check_fuse_device()
     if opts.log_file:
@@ -303,6 +321,7 @@ def sd_notify(state: str) -> None:
 
 def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS, FetchContext]:
     from ..core.image import SnapshotImage
+    from ..core.lineage import Lineage
     from ..core.pipeline import describe_snapshot
     from ..core.reader import FetchContext
     from ..ebs.client import RetryPolicy
@@ -312,12 +331,23 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
     ctx = FetchContext(
         client, cache_bytes=opts.cache_bytes, max_concurrency=opts.max_concurrency, policy=policy
     )
+    if opts.cache_dir:
+        ctx.disk = DiskCache(opts.cache_dir, opts.cache_dir_size)
+        log.info("disk cache %s: up to %d bytes", ctx.disk.directory, ctx.disk.max_bytes)
+    lineage = Lineage(ctx)
     images = []
     start_times = snapshot_start_times(opts)
     for sid in opts.snapshot_ids:
         info = describe_snapshot(client, sid, policy)
         log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
         images.append(SnapshotImage(info, ctx, start_time=start_times.get(sid)))
+        lineage.add(sid, info.num_blocks)
+    for base in opts.base_ids:
+        info = describe_snapshot(client, base, policy)
+        lineage.add(base, info.num_blocks)
+        log.info("%s: a base, read from the disk cache only", base)
+    if len(lineage.members) > 1:
+        ctx.lineage = lineage
     return SnapshotFS(images, uid=os.getuid(), gid=os.getgid()), ctx
 
 

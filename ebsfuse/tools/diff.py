@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .. import BLOCK_SIZE
-from ..core.pipeline import describe, open_changes, run_interruptibly, tool_context
+from .. import BLOCK_SIZE, GIB
+from ..core.pipeline import open_changes, run_interruptibly, tool_context
 from ..core.reader import FetchContext
 from ..core.stats import ReadStats
 from ..ebs.client import EbsClient, validate_snapshot_id
@@ -93,12 +93,10 @@ async def _diff(
     on_range: Callable[[ChangedRange], None],
     progress: bool,
 ) -> DiffSummary:
-    first_info = await describe(ctx, first)
-    second_info = await describe(ctx, second)
-    changes = open_changes(ctx, first_info, second_info, ReadStats())
-    summary = DiffSummary(first, second, second_info.size_bytes, second_info.block_size)
+    changes, gib = await open_changes(ctx, first, second, ReadStats())
+    summary = DiffSummary(first, second, gib * GIB, BLOCK_SIZE)
     ranges = _Coalescer(on_range, summary)
-    with Progress(f"{first}..{second}", changes.num_blocks, enabled=progress) as bar:
+    with Progress(f"{first}..{second}", gib * GIB // BLOCK_SIZE, enabled=progress) as bar:
         async for index, block in changes.listed():
             summary.changed_blocks += 1
             if block.first_token is None:

@@ -6,14 +6,17 @@ and SHA-256 before a byte is used and retried by the shared policy; they arrive 
 order and are written with `pwrite` at their offsets. Blocks of zeros are not written to a fresh
 file, so holes stay holes.
 
-Memory is bounded whatever the volume size: one listing range (at most 10,000 entries) and at
-most `WINDOW_PER_WORKER * workers` fetched blocks waiting for their turn to be written.
+Blocks are written the moment they arrive (the stream's sink), out of order; the stream still
+reports them in ascending order, which is what the resume mark follows. Memory is bounded
+whatever the volume size: one listing range (at most 10,000 entries), a window of
+`WINDOW_PER_WORKER * workers` indexes, and the blocks of the requests in flight.
 
 Resume: the output is written to `DEST.partial` (renamed to DEST only once every block is in
 place, so a file named DEST is always complete) and a small JSON sidecar `DEST.partial.state`
-records progress as a low-water mark: every block below `done_below` is written (blocks are
-written in order, so nothing above it is; `done_extra`, the blocks above it that an older
-version finished early, is still honoured). The sidecar is rewritten every
+records progress as a low-water mark: every block below `done_below` is written. The few
+blocks above it that finished early (within the window) are not claimed, and a resume fetches
+them again; `done_extra`, such blocks as an older version recorded them, is still honoured. The
+sidecar is rewritten every
 `CHECKPOINT_INTERVAL_S` seconds, after an `fdatasync` of the data it vouches for, so after a
 kill, a crash or Ctrl-C `--resume` lists from `done_below` and fetches only the rest. For a
 block device DEST the sidecar lives in the state directory
@@ -31,6 +34,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -46,6 +50,8 @@ import trio
 from .. import BLOCK_SIZE
 from ..core.blockmap import BlockMap
 from ..core.pipeline import (
+    DESCRIBE_PAGE,
+    WALK_PAGE,
     describe,
     open_changes,
     open_snapshot,
@@ -68,10 +74,10 @@ STATE_VERSION = 1
 # vouches for must be on disk first); every 2 s bounds the work a crash loses to 2 s of
 # transfer while keeping the syncs rare enough not to matter for throughput.
 CHECKPOINT_INTERVAL_S = 2.0
-# Fetched blocks allowed to wait for their turn to be written, per worker: two keeps every
-# worker busy while one block is slow or being retried, and bounds memory to
-# 2 x 64 x 512 KiB = 64 MiB with the default 64 workers.
-WINDOW_PER_WORKER = 2
+# Blocks listed ahead of the oldest unfinished one, per worker: four keeps every worker busy
+# while one block is slow or being retried. Blocks are written as they arrive, so the window
+# holds indexes, not bytes: memory is the requests in flight.
+WINDOW_PER_WORKER = 4
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 # ioctl(BLKZEROOUT, [offset, length]): the device zeroes the range itself (loop devices punch
 # a hole in their file; SSDs use write-zeroes or discard), far cheaper than writing zeros.
@@ -200,6 +206,8 @@ class DownloadOptions:
     base_snapshot_id: str | None = None
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     progress: bool = False
+    cache_dir: str | None = None
+    cache_dir_size: int | None = None
 
 
 class _Plan:
@@ -316,11 +324,20 @@ def download_snapshot(
             raise EbsfuseError(f"--base {base} is the snapshot being downloaded")
     started = time.monotonic()
     plan = _plan(snapshot_id, dest, opts)
-    job = _Download(tool_context(client, opts.workers, opts.policy), snapshot_id, plan, opts)
+    ctx = tool_context(
+        client,
+        opts.workers,
+        opts.policy,
+        cache_dir=opts.cache_dir,
+        cache_dir_size=opts.cache_dir_size,
+    )
+    job = _Download(ctx, snapshot_id, plan, opts)
     try:
         result = run_interruptibly(job.run)
     except KeyboardInterrupt:
         raise DownloadInterrupted(job.interrupted_message()) from None
+    finally:
+        ctx.close()
     if not plan.device:
         os.replace(plan.work_path, plan.dest)
         _fsync_dir(os.path.dirname(plan.dest))
@@ -434,14 +451,14 @@ class _Download:
     async def run(self) -> DownloadResult:
         base = self.opts.base_snapshot_id
         # Unknown or unrelated snapshots fail here, before anything is written.
-        info = await describe(self.ctx, self.snapshot_id)
+        # A full download walks the whole listing: its first page is that walk's first.
+        page = WALK_PAGE if base is None else DESCRIBE_PAGE
+        info = await describe(self.ctx, self.snapshot_id, max_results=page)
         reader = open_snapshot(self.ctx, info)
         changes = base_volume = None
         if base is not None:
-            base_info = await describe(self.ctx, base)
-            base_volume = base_info.size_bytes
-            changes = open_changes(self.ctx, base_info, info, reader.stats)
-            await changes.covering(0)
+            base_volume = (await describe(self.ctx, base)).size_bytes
+            changes, _ = await open_changes(self.ctx, base, self.snapshot_id, reader.stats)
         result = DownloadResult(
             snapshot_id=self.snapshot_id,
             base_snapshot_id=base,
@@ -494,20 +511,16 @@ class _Download:
         zero_gaps = self.plan.device and changes is None
         window = WINDOW_PER_WORKER * self.ctx.max_concurrency
         wanted = self._wanted(reader, changes, skip)
+        sink = functools.partial(self._put, skip, changes is not None, result)
         with Progress(self.snapshot_id, nblocks, enabled=self.opts.progress) as bar:
             bar.advance(0, self.done_below)
             try:
-                async with ordered_blocks(reader, wanted, window) as blocks:
-                    async for index, data in blocks:
+                async with ordered_blocks(reader, wanted, window, sink) as blocks:
+                    async for index, _ in blocks:
                         if zero_gaps:
                             self._zero_blocks(self.done_below, index)
-                        result.blocks_listed += 1
-                        if index in skip:
-                            result.blocks_already_done += 1
-                        else:
-                            self._put(index, data, changes is not None, result)
                         self.done_below = index + 1
-                        bar.advance(BLOCK_SIZE if data is not None else 0, self.done_below)
+                        bar.advance(0, self.done_below)
                         await self._checkpoint()
                 if zero_gaps:
                     self._zero_blocks(self.done_below, nblocks)
@@ -517,9 +530,19 @@ class _Download:
                 self._save_state()
 
     def _put(
-        self, index: int, data: bytes | None, incremental: bool, result: DownloadResult
+        self,
+        skip: set[int],
+        incremental: bool,
+        result: DownloadResult,
+        index: int,
+        data: bytes | None,
     ) -> None:
-        """Write one block (or zeros where the new image has none) at its offset."""
+        """The stream's sink: write one block as it arrives (or zeros where the new image has
+        none) at its offset. Out of order; `done_below` follows the stream's order."""
+        result.blocks_listed += 1
+        if index in skip:
+            result.blocks_already_done += 1
+            return
         offset = index * BLOCK_SIZE
         if data is None:
             if incremental:

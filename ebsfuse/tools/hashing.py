@@ -20,6 +20,8 @@ from typing import Any
 
 from .. import BLOCK_SIZE
 from ..core.pipeline import (
+    WALK_PAGE,
+    borrow_from_bases,
     describe,
     listed_blocks,
     open_snapshot,
@@ -59,10 +61,11 @@ class HashResult:
     size: int
     sha256: str
     md5: str | None
-    blocks_fetched: int
+    blocks_fetched: int  # blocks that took a GetSnapshotBlock (retries not counted)
     bytes_fetched: int
     hole_blocks: int
     seconds: float
+    blocks_cached: int = 0  # written blocks served by the disk tier or a base's
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,22 +100,36 @@ def hash_snapshot(
     md5: bool = False,
     policy: RetryPolicy | None = None,
     progress: bool = False,
+    cache_dir: str | None = None,
+    cache_dir_size: int | None = None,
+    base_ids: list[str] | None = None,
 ) -> HashResult:
-    """Hash the whole image of `snapshot_id`; raise `HashInterrupted` on Ctrl-C or SIGTERM."""
-    ctx = tool_context(client, workers, policy or RetryPolicy())
+    """Hash the whole image of `snapshot_id`; raise `HashInterrupted` on Ctrl-C or SIGTERM.
+
+    With `cache_dir` blocks come from and go to the disk tier; `base_ids` lend their blocks
+    stored there where the service says they are unchanged.
+    """
+    ctx = tool_context(
+        client, workers, policy or RetryPolicy(), cache_dir=cache_dir, cache_dir_size=cache_dir_size
+    )
     try:
-        return run_interruptibly(_hash, ctx, snapshot_id, md5, progress)
+        return run_interruptibly(_hash, ctx, snapshot_id, md5, progress, base_ids or [])
     except KeyboardInterrupt:
         raise HashInterrupted(f"interrupted; {snapshot_id} was not hashed") from None
+    finally:
+        ctx.close()
 
 
-async def _hash(ctx: FetchContext, snapshot_id: str, md5: bool, progress: bool) -> HashResult:
+async def _hash(
+    ctx: FetchContext, snapshot_id: str, md5: bool, progress: bool, base_ids: list[str]
+) -> HashResult:
     started = time.monotonic()
-    info = await describe(ctx, snapshot_id)
+    info = await describe(ctx, snapshot_id, max_results=WALK_PAGE)
+    await borrow_from_bases(ctx, info, base_ids)
     reader = open_snapshot(ctx, info)
     size = info.size_bytes
     digests = _Digests(md5)
-    fetched = 0
+    written = 0
     window = WINDOW_PER_WORKER * ctx.max_concurrency
     with Progress(snapshot_id, size, enabled=progress) as bar:
         async with ordered_blocks(reader, listed_blocks(reader), window) as blocks:
@@ -120,7 +137,7 @@ async def _hash(ctx: FetchContext, snapshot_id: str, md5: bool, progress: bool) 
                 assert data is not None  # listed blocks are fetched; 512 KiB, verified
                 digests.zeros(index * BLOCK_SIZE - digests.position)
                 digests.update(data)
-                fetched += 1
+                written += 1
                 bar.advance(len(data), digests.position)
         digests.zeros(size - digests.position)
         bar.advance(0, size)
@@ -129,8 +146,9 @@ async def _hash(ctx: FetchContext, snapshot_id: str, md5: bool, progress: bool) 
         size=size,
         sha256=digests.sha256.hexdigest(),
         md5=digests.md5.hexdigest() if digests.md5 is not None else None,
-        blocks_fetched=fetched,
-        bytes_fetched=fetched * BLOCK_SIZE,
-        hole_blocks=info.num_blocks - fetched,
+        blocks_fetched=reader.stats.cache_misses,
+        bytes_fetched=reader.stats.cache_misses * BLOCK_SIZE,
+        blocks_cached=written - reader.stats.cache_misses,
+        hole_blocks=info.num_blocks - written,
         seconds=time.monotonic() - started,
     )

@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .. import BLOCK_SIZE
-from ..core.pipeline import describe, open_snapshot, run_interruptibly, tool_context
+from ..core.pipeline import WALK_PAGE, describe, open_snapshot, run_interruptibly, tool_context
 from ..core.reader import FetchContext
 from ..ebs.client import EbsClient, validate_snapshot_id
 from ..ebs.retry import RetryPolicy
@@ -55,7 +55,7 @@ def snapshot_info(
 
 
 async def _report(ctx: FetchContext, snapshot_id: str, progress: bool) -> SnapshotReport:
-    info = await describe(ctx, snapshot_id)
+    info = await describe(ctx, snapshot_id, max_results=WALK_PAGE)
     blockmap = open_snapshot(ctx, info).blockmap
     result = SnapshotReport(
         snapshot_id,
