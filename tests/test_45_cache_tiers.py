@@ -96,6 +96,27 @@ def test_a_remount_reads_everything_from_the_disk_tier(
     assert stats["disk_cache"]["hits"] == len(blocks)  # type: ignore[index]
 
 
+def test_fstab_options_give_the_disk_tier(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = random_blocks([3])
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    cache, mnt = workdir / "cache", workdir / "mnt"
+    mnt.mkdir()
+    options = f"ro,cache_dir={cache},cache_dir_size=64M,_netdev"
+    done = run_ebsfuse(sid, str(mnt), "-o", options, env=env)  # as mount(8) calls it
+    try:
+        assert done.returncode == 0, done.stderr
+        assert sha256_file(mnt / f"{sid}.img") == image_digest(blocks)
+        stats = json.loads(run_ebsfuse("stats", str(mnt), "--json", env=env).stdout)
+        assert stats["disk_cache"]["directory"] == str(cache)
+        assert stats["disk_cache"]["limit"] == 64 * 2**20
+        assert len(entries(cache)) == 1
+    finally:
+        run_ebsfuse("unmount", str(mnt), env=env)
+        wait_for(lambda: not daemon_pids(mnt), what="the daemon to exit")
+
+
 def test_hash_and_download_share_the_mount_s_cache_directory(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:
