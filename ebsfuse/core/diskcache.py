@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsfuseError
 from ..ebs.ids import validate_snapshot_id
+from .procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ class DiskCache:
         """Entries being written by processes that no longer run (killed mid-write)."""
         for name in os.listdir(self._tmp):
             pid_text = name.split("-", 1)[0]
-            if pid_text.isdigit() and _alive(int(pid_text)):
+            if pid_text.isdigit() and pid_alive(int(pid_text)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._tmp, name))
@@ -326,16 +327,6 @@ def _write_new(path: str, header: bytes, data: bytes) -> None:
                 view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _open_private(path: str) -> int:

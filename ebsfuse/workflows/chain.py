@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.procs import pid_alive as pid_alive
 from ..ebs.errors import EbsfuseError, UsageError
 from ..fuse import mountinfo
 from ..fuse.mount import MountOptions, spawn_daemon
@@ -175,19 +176,6 @@ def loops_under(directory: str) -> list[str]:
             if backing and backing.startswith(directory.rstrip("/") + "/"):
                 devices.append(f"/dev/{entry}")
     return devices
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def umount(path: str, *, lazy_after: float | None = UMOUNT_BUSY_RETRY_S) -> None:
