@@ -26,6 +26,7 @@ from .conftest import (
     MountedSnapshots,
     daemon_pids,
     ebsfuse_cmd,
+    make_ext4_image,
     mounts_under,
     run_ebsfuse,
     sha256_file,
@@ -136,6 +137,50 @@ def test_hash_and_download_share_the_mount_s_cache_directory(
     assert done.returncode == 0, done.stderr
     assert sha256_file(out) == image_digest(blocks)
     assert gets(emu) == 0
+
+
+def test_restore_after_browse_of_the_same_snapshot_fetches_nothing_again(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    image, files = make_ext4_image(workdir)
+    sid = emu.create_snapshot(image.read_bytes(), volume_size_gib=1)
+    wenv = {**env, "EBSFUSE_RUNTIME_DIR": str(workdir / "run")}
+    cache = str(workdir / "cache")
+    target = workdir / "browse"
+    target.mkdir()
+    done = run_ebsfuse("browse", sid, str(target), "--cache-dir", cache, env=wenv)
+    assert done.returncode == 0, done.stderr
+    try:
+        # What an incident responder does: walk the tree, read what is there.
+        for name, data in files.items():
+            assert (target / name).read_bytes() == data
+        shutil.copytree(target / "data", workdir / "looked-at")
+    finally:
+        assert run_ebsfuse("unmount", str(target), env=wenv).returncode == 0
+    browsed = {int(p.name, 16) for p in entries(Path(cache))}
+    out = workdir / "restored"
+    audit = workdir / "restore-audit.jsonl"
+    done = run_ebsfuse(
+        "restore", sid, "data", str(out), "--cache-dir", cache, "--json",
+        "--audit-log", str(audit), env=wenv,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "random.bin").read_bytes() == files["data/random.bin"]
+    assert (out / "nested" / "deep" / "file.txt").read_bytes() == files["data/nested/deep/file.txt"]
+    result = json.loads(done.stdout)
+    # The blocks browse read came from the disk; no block browse fetched was fetched again.
+    # What restore may still fetch is readahead past what browse read, if browse's had not
+    # landed: with this 32 MiB ext4, the journal's first block (block 32), within the window.
+    fetched_again = {json.loads(line)["block"] for line in audit.read_text().splitlines()}
+    assert fetched_again.isdisjoint(browsed), (fetched_again, browsed)
+    # At least the superblock's block and random.bin's four came from the disk tier.
+    assert {0, 4, 5, 6, 7} <= browsed and result["blocks_from_cache"] >= 5
+    assert mounts_under(workdir) == []
+
+
+def in_flight(mountpoint: str, env: dict[str, str]) -> int:
+    done = run_ebsfuse("stats", mountpoint, "--json", env=env)
+    return int(json.loads(done.stdout)["requests_in_flight"]) if done.returncode == 0 else -1
 
 
 def test_a_daemon_killed_mid_read_leaves_a_cache_that_reads_right(
@@ -357,6 +402,24 @@ def test_a_child_mounted_beside_its_parent_costs_its_changed_blocks(
     assert child_stats["cache"]["lineage_hits"] == len(child_blocks) - changed
     listed = stats["lineage"]["requests"]["ListChangedBlocks"]  # type: ignore[index]
     assert 1 <= listed <= 3
+
+
+def test_a_child_read_in_order_keeps_borrowing_when_memory_is_tight(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    """The memory cache holds the parent and little more: each block the child borrows is
+    cached under its own name too, so memory runs out as the child reads. What goes must be
+    the parent's blocks the child has passed, not those it is about to borrow."""
+    parent_blocks = random_blocks(range(400))
+    parent = emu.create_snapshot(blocks=parent_blocks, volume_size_gib=1)
+    changes = {i: os.urandom(BLOCK_SIZE) for i in (10, 200, 390)}
+    child = emu.create_snapshot(blocks=changes, parent=parent)
+    args = ("--cache-size", "210M")  # 420 blocks
+    with MountedSnapshots(workdir / "mnt", [parent, child], env, *args) as mounted:
+        assert sha256_file(mounted.image(parent)) == image_digest(parent_blocks)
+        emu.reset_counters()
+        assert sha256_file(mounted.image(child)) == image_digest({**parent_blocks, **changes})
+    assert gets(emu) == len(changes)
 
 
 def test_base_in_the_disk_cache_serves_a_child_s_unchanged_blocks(

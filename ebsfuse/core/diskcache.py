@@ -123,8 +123,8 @@ class DiskCache:
         """The verified block, or None when the cache does not hold it whole and correct."""
         path = self._path(snapshot_id, index)
         try:
-            with open(path, "rb", buffering=0) as f:
-                entry = f.read(ENTRY_SIZE + 1)
+            with open(path, "rb") as f:
+                entry = f.read(ENTRY_SIZE + 1)  # buffered: read() loops until n or EOF
         except FileNotFoundError:
             self.stats.misses += 1
             return None
@@ -149,17 +149,17 @@ class DiskCache:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def put(self, snapshot_id: str, index: int, data: bytes) -> None:
-        """Store a verified block with its SHA-256. Never raises: a disk that refuses the
-        write turns the tier's writing off, with one log line."""
+    def put(self, snapshot_id: str, index: int, data: bytes, digest: bytes | None = None) -> None:
+        """Store a verified block with its SHA-256 (`digest`, the one it was just checked
+        against, else computed here). Never raises: a disk that refuses the write turns the
+        tier's writing off, with one log line."""
         if not self.writable or len(data) != BLOCK_SIZE:
             return
         path = self._path(snapshot_id, index)
         if os.path.exists(path):
             return
-        # Hashed again here rather than carried from the check: the client's get_block returns
-        # bytes only (tests and tools substitute it), and hashlib runs outside the GIL.
-        digest = hashlib.sha256(data).digest()
+        if digest is None or len(digest) != DIGEST_SIZE:
+            digest = hashlib.sha256(data).digest()
         tmp = os.path.join(self._tmp, f"{os.getpid()}-{secrets.token_hex(8)}")
         try:
             _write_new(tmp, MAGIC + digest, data)

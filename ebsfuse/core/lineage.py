@@ -84,7 +84,7 @@ class Lineage:
                 unchanged = await self._unchanged(pair, index)
             if not unchanged:
                 continue
-            data = self._ctx.cache.get((other, index)) or await self._ctx.from_disk(other, index)
+            data = self._ctx.cache.peek((other, index)) or await self._ctx.from_disk(other, index)
             if data is not None:
                 return data
         return None

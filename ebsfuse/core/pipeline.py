@@ -52,9 +52,10 @@ DESCRIBE_PAGE = 100
 MAX_VOLUME_BLOCKS = MAX_VOLUME_GIB * GIB // BLOCK_SIZE
 # The largest page the list calls give: a walk's first call (see `describe`).
 WALK_PAGE = 10000
-# A tool's memory cache: the stream hands each block to its consumer once, so the cache only
-# has to hold the few blocks that two steps of one command read twice (none today).
-TOOL_CACHE_BYTES = 8 * BLOCK_SIZE
+# A tool's memory cache: the stream hands each block to its consumer once and no step reads a
+# block twice, so one block (the cache cannot be empty) keeps the peak memory at the requests
+# in flight.
+TOOL_CACHE_BYTES = BLOCK_SIZE
 
 
 @dataclass(frozen=True)

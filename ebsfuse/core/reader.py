@@ -118,6 +118,15 @@ class BlockCache(cachetools.LRUCache):
             stats.prefetch_wasted += 1
         return key, value
 
+    def peek(self, key: Key) -> bytes | None:
+        """The block if held, without making it recently used. A lender's block read for a
+        borrower keeps its place, so a borrower reading in order evicts the lender's blocks it
+        has passed, not those it is about to borrow."""
+        try:
+            return cachetools.Cache.__getitem__(self, key)
+        except KeyError:
+            return None
+
     def take(self, key: Key) -> bytes | None:
         data = self.get(key)
         if data is not None:
@@ -369,10 +378,12 @@ class SnapshotReader:
     def _timed_get(self, index: int, token: str, *, timeout: float) -> tuple[bytes, float]:
         """In a worker thread: the verified block, stored on disk too when there is a disk tier."""
         started = time.monotonic()
-        data = self.ctx.client.get_block(self.snapshot_id, index, token, timeout=timeout)
+        client = self.ctx.client
+        data = client.get_block(self.snapshot_id, index, token, timeout=timeout)
         seconds = time.monotonic() - started
         if self.ctx.disk is not None:
-            self.ctx.disk.put(self.snapshot_id, index, data)
+            digest = client.verified_digest(data)
+            self.ctx.disk.put(self.snapshot_id, index, data, digest)
         return data, seconds
 
     async def _load(self, index: int, deadline: float) -> bytes | None:

@@ -60,6 +60,7 @@ class RestoreResult:
     bytes_fetched: int
     blocks_fetched: int
     seconds: float
+    blocks_from_cache: int = 0  # from the disk tier, or lent by a related snapshot
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,6 +311,7 @@ def restore(
         bytes_fetched=fetched,
         blocks_fetched=fetched // BLOCK_SIZE,
         seconds=time.monotonic() - started,
+        blocks_from_cache=int(counters.get("saved", {}).get("requests", 0)),
     )
 
 
