@@ -26,6 +26,7 @@ from .options import (
     add_daemon_arguments,
     mount_options,
 )
+from .process import limit_malloc_arenas
 
 if TYPE_CHECKING:
     pass
@@ -235,6 +236,7 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    limit_malloc_arenas()
     try:
         if args_list and not args_list[0].startswith("-") and args_list[0] not in COMMANDS:
             args_list = translate_mount_helper_argv(args_list)
