@@ -414,7 +414,7 @@ def test_a_child_read_in_order_keeps_borrowing_when_memory_is_tight(
     parent = emu.create_snapshot(blocks=parent_blocks, volume_size_gib=1)
     changes = {i: os.urandom(BLOCK_SIZE) for i in (10, 200, 390)}
     child = emu.create_snapshot(blocks=changes, parent=parent)
-    args = ("--cache-size", "210M")  # 420 blocks
+    args = ("--cache-size", "240M")  # 480 blocks: the parent and a readahead window more
     with MountedSnapshots(workdir / "mnt", [parent, child], env, *args) as mounted:
         assert sha256_file(mounted.image(parent)) == image_digest(parent_blocks)
         emu.reset_counters()

@@ -145,6 +145,9 @@ async def listed_blocks(
         yield index, True
 
 
+# Threads writing blocks for a sink at once: a disk takes a few writes in parallel well, and
+# more would only queue in the kernel.
+SINK_THREADS = 8
 # Where a block goes as soon as it arrives, out of order, when its consumer does not need
 # it in order (download writes each at its offset): (index, verified bytes or None).
 Sink = Callable[[int, bytes | None], None]
@@ -194,8 +197,10 @@ async def ordered_blocks(
     Blocks marked for fetching are read through `reader.read_block` (the mount's own path: the
     token, the retries, the checks) at most `window` ahead of the consumer; the others come
     back as None at once. Without a `sink` the bytes travel with the order, so memory holds at
-    most `window + 2` blocks; with one, each block is handed to `sink` the moment it arrives
-    and the order carries only its index, so memory holds only the requests in flight. The
+    most `window + 2` blocks; with one, each fetched block is handed to `sink` in one of
+    `SINK_THREADS` threads the moment it arrives (blocks not fetched, on the trio thread), and
+    the order carries only its index, so memory holds only the requests in flight. A sink
+    must therefore be thread-safe. The
     first failure, of a listing, a block or the sink, is raised to the consumer at its place
     in the order. Leaving the context cancels whatever is still being fetched.
     """
@@ -216,6 +221,7 @@ class _Stream:
         self._reader = reader
         self._sink = sink
         self._nursery = nursery
+        self._sink_threads = trio.CapacityLimiter(SINK_THREADS)
 
     async def produce(
         self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
@@ -227,7 +233,8 @@ class _Stream:
                     if fetch:
                         self._nursery.start_soon(self._fill, slot)
                     else:
-                        self._settle(slot, None)
+                        self._deliver(slot, None)
+                        slot.done.set()
                     await send.send(slot)
             except EbsError as error:
                 slot = _Slot(-1)
@@ -242,9 +249,18 @@ class _Stream:
             slot.error = error.fresh()
             slot.done.set()
             return
-        self._settle(slot, data)
+        try:
+            if self._sink is None or data is None:
+                self._deliver(slot, data)
+            else:
+                # A block's write (0.1-1 ms in pwrite, more when the kernel throttles dirty
+                # pages) runs in a thread, so the trio thread goes on starting fetches.
+                await trio.to_thread.run_sync(self._deliver, slot, data, limiter=self._sink_threads)
+        finally:
+            slot.done.set()
 
-    def _settle(self, slot: _Slot, data: bytes | None) -> None:
+    def _deliver(self, slot: _Slot, data: bytes | None) -> None:
+        """Hand `data` to the slot, or to the sink; touches no trio object (may be a thread)."""
         try:
             if self._sink is None:
                 slot.data = data
@@ -252,8 +268,6 @@ class _Stream:
                 self._sink(slot.index, data)
         except Exception as error:  # the sink's (a write that failed): raised in order
             slot.error = error
-        finally:
-            slot.done.set()
 
 
 def tool_context(

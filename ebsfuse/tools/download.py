@@ -40,6 +40,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
@@ -447,6 +448,7 @@ class _Download:
         self.done_below = plan.state.done_below if plan.state is not None else 0
         self._fd = -1
         self._last_checkpoint = time.monotonic()
+        self._counts = threading.Lock()  # the sink's writer threads count into the result
 
     async def run(self) -> DownloadResult:
         base = self.opts.base_snapshot_id
@@ -538,26 +540,30 @@ class _Download:
         data: bytes | None,
     ) -> None:
         """The stream's sink: write one block as it arrives (or zeros where the new image has
-        none) at its offset. Out of order; `done_below` follows the stream's order."""
-        result.blocks_listed += 1
+        none) at its offset, in a writer thread. Out of order; `done_below` follows the
+        stream's order."""
+        with self._counts:
+            result.blocks_listed += 1
         if index in skip:
-            result.blocks_already_done += 1
+            with self._counts:
+                result.blocks_already_done += 1
             return
         offset = index * BLOCK_SIZE
         if data is None:
-            if incremental:
-                result.blocks_zeroed += 1
             if incremental or not self.plan.fresh:
                 zero_range(self._fd, offset, BLOCK_SIZE, self.plan.device)
+            with self._counts:
+                result.blocks_zeroed += incremental
             return
-        result.blocks_fetched += 1
-        if data == ZERO_BLOCK:
-            result.zero_blocks += 1
-            if not self.plan.fresh:
-                zero_range(self._fd, offset, BLOCK_SIZE, self.plan.device)
-        else:
+        zero = data == ZERO_BLOCK
+        if not zero:
             _pwrite_all(self._fd, data, offset)
-            result.bytes_written += len(data)
+        elif not self.plan.fresh:
+            zero_range(self._fd, offset, BLOCK_SIZE, self.plan.device)
+        with self._counts:
+            result.blocks_fetched += 1
+            result.zero_blocks += zero
+            result.bytes_written += 0 if zero else len(data)
 
     def _zero_blocks(self, start: int, end: int) -> None:
         if end > start:
