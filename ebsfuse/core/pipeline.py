@@ -26,6 +26,7 @@ import contextlib
 import functools
 import math
 import signal
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -145,9 +146,6 @@ async def listed_blocks(
         yield index, True
 
 
-# Threads writing blocks for a sink at once: a disk takes a few writes in parallel well, and
-# more would only queue in the kernel.
-SINK_THREADS = 8
 # Where a block goes as soon as it arrives, out of order, when its consumer does not need
 # it in order (download writes each at its offset): (index, verified bytes or None).
 Sink = Callable[[int, bytes | None], None]
@@ -197,9 +195,9 @@ async def ordered_blocks(
     Blocks marked for fetching are read through `reader.read_block` (the mount's own path: the
     token, the retries, the checks) at most `window` ahead of the consumer; the others come
     back as None at once. Without a `sink` the bytes travel with the order, so memory holds at
-    most `window + 2` blocks; with one, each fetched block is handed to `sink` in one of
-    `SINK_THREADS` threads the moment it arrives (blocks not fetched, on the trio thread), and
-    the order carries only its index, so memory holds only the requests in flight. A sink
+    most `window + 2` blocks; with one, each block is handed to `sink` the moment it arrives
+    (in the worker thread that fetched it; from another tier or a hole, on the trio thread),
+    and the order carries only its index, so memory holds only the requests in flight. A sink
     must therefore be thread-safe. The
     first failure, of a listing, a block or the sink, is raised to the consumer at its place
     in the order. Leaving the context cancels whatever is still being fetched.
@@ -212,16 +210,37 @@ async def ordered_blocks(
             yield OrderedBlocks(receive)
         finally:
             nursery.cancel_scope.cancel()
+    reader.ctx.on_fetched = None
 
 
 class _Stream:
-    """The producing side: a slot per wanted block, a fetch task per block to fetch."""
+    """The producing side: a slot per wanted block, a fetch task per block to fetch.
+
+    With a sink, a block fetched from the service is handed to it in the worker thread that
+    fetched it (`FetchContext.on_fetched`: no hand-off, the bytes written before the thread
+    lets go of them); a block from another tier, or a hole, on the trio thread.
+    """
 
     def __init__(self, reader: SnapshotReader, sink: Sink | None, nursery: trio.Nursery) -> None:
         self._reader = reader
         self._sink = sink
         self._nursery = nursery
-        self._sink_threads = trio.CapacityLimiter(SINK_THREADS)
+        self._lock = threading.Lock()
+        self._sunk: dict[int, Exception | None] = {}  # index -> the sink's failure, if any
+        if sink is not None:
+            reader.ctx.on_fetched = self._fetched
+
+    def _fetched(self, snapshot_id: str, index: int, data: bytes) -> None:
+        """In a worker thread: the sink for a block just fetched, its outcome kept for `_fill`."""
+        if snapshot_id != self._reader.snapshot_id or self._sink is None:
+            return
+        failure: Exception | None = None
+        try:
+            self._sink(index, data)
+        except Exception as error:  # a write that failed: raised in order, by _fill
+            failure = error
+        with self._lock:
+            self._sunk[index] = failure
 
     async def produce(
         self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
@@ -247,20 +266,19 @@ class _Stream:
             data = await self._reader.read_block(slot.index)
         except EbsError as error:
             slot.error = error.fresh()
-            slot.done.set()
             return
-        try:
-            if self._sink is None or data is None:
+        else:
+            with self._lock:
+                sunk, failure = slot.index in self._sunk, self._sunk.pop(slot.index, None)
+            if failure is not None:
+                slot.error = failure
+            elif not sunk:
                 self._deliver(slot, data)
-            else:
-                # A block's write (0.1-1 ms in pwrite, more when the kernel throttles dirty
-                # pages) runs in a thread, so the trio thread goes on starting fetches.
-                await trio.to_thread.run_sync(self._deliver, slot, data, limiter=self._sink_threads)
         finally:
             slot.done.set()
 
     def _deliver(self, slot: _Slot, data: bytes | None) -> None:
-        """Hand `data` to the slot, or to the sink; touches no trio object (may be a thread)."""
+        """Hand `data` to the slot, or to the sink."""
         try:
             if self._sink is None:
                 slot.data = data

@@ -168,6 +168,9 @@ class FetchContext:
         # (`--cache-dir`), and blocks borrowed from related snapshots' caches.
         self.disk: DiskCache | None = None
         self.lineage: Borrower | None = None
+        # Called in the worker thread with each block just fetched and verified (the ordered
+        # stream's sink: a download writes it there, as it arrives, with no hand-off).
+        self.on_fetched: Callable[[str, int, bytes], None] | None = None
         # Disk reads get threads of their own: a cached block is not queued behind 64
         # requests to the service.
         self.disk_limiter = trio.CapacityLimiter(DISK_THREADS)
@@ -384,6 +387,8 @@ class SnapshotReader:
         if self.ctx.disk is not None:
             digest = client.verified_digest(data)
             self.ctx.disk.put(self.snapshot_id, index, data, digest)
+        if self.ctx.on_fetched is not None:
+            self.ctx.on_fetched(self.snapshot_id, index, data)
         return data, seconds
 
     async def _load(self, index: int, deadline: float) -> bytes | None:
