@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -31,7 +32,7 @@ from .server import (
     make_rng,
     parse_control_json,
 )
-from .store import MAX_PENDING, Store
+from .store import MAX_PENDING, PLACEHOLDER_VOLUME, Store
 from .synthetic import SpecError, parse_spec
 from .tokens import TokenCodec, new_secret
 
@@ -161,6 +162,8 @@ class Emulator:
         description: str = "",
         encrypted: bool = False,
         start_time: datetime | None = None,
+        volume_id: str = PLACEHOLDER_VOLUME,
+        tags: dict[str, str] | None = None,
     ) -> str:
         """Create a snapshot directly (no HTTP) and return its id.
 
@@ -195,8 +198,46 @@ class Emulator:
             description=description,
             encrypted=encrypted,
             start_time=start_time.timestamp() if start_time is not None else None,
+            volume_id=volume_id,
+            tags=[{"Key": k, "Value": v} for k, v in (tags or {}).items()],
         )
         return snap.snapshot_id
+
+    def create_daily_chain(
+        self,
+        volume_id: str,
+        days: int,
+        *,
+        volume_size_gib: int = 1,
+        written_blocks: int = 200,
+        changed_per_day: int = 20,
+        first_day: datetime | None = None,
+        seed: int = 0,
+    ) -> list[tuple[str, dict[int, bytes]]]:
+        """Daily snapshots of one volume, as Data Lifecycle Manager makes them: day 0 writes
+        `written_blocks` blocks, each later day rewrites `changed_per_day` of them (a child of
+        the day before). Returns each day's (snapshot id, its blocks' contents)."""
+        rng = random.Random(seed)
+        start = first_day or datetime(2026, 11, 1, 3, 0, tzinfo=UTC)
+        content = {i: rng.randbytes(BLOCK_SIZE) for i in range(written_blocks)}
+        chain: list[tuple[str, dict[int, bytes]]] = []
+        parent = None
+        for day in range(days):
+            changes = content
+            if parent is not None:
+                rewritten = rng.sample(range(written_blocks), changed_per_day)
+                changes = {i: rng.randbytes(BLOCK_SIZE) for i in rewritten}
+            content = {**content, **changes}
+            parent = self.create_snapshot(
+                blocks=changes,
+                volume_size_gib=volume_size_gib,
+                parent=parent,
+                start_time=start + timedelta(days=day),
+                volume_id=volume_id,
+                description=f"daily {day}",
+            )
+            chain.append((parent, content))
+        return chain
 
     def create_synthetic(self, spec: str) -> str:
         """Create a synthetic snapshot from SPEC (see synthetic.py) and return its id."""

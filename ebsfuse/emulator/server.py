@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+from . import ec2
 from .api import Response, error_response, json_response
 from .blocks import BLOCK_SIZE, Block
 from .errors import ApiError
@@ -174,6 +175,9 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._send(app.control(self.command, path, body))
             return
+        if path == "/" and self.command in ("GET", "POST"):
+            self._send(self._ec2(app, query_text, body))
+            return
         found = route(self.command, path)
         if found is None:
             error = ApiError(
@@ -239,6 +243,15 @@ class Handler(BaseHTTPRequestHandler):
                 return
         truncate = resp.block is not None and faults.take(faults.truncate_rate, rng)
         self._send(resp, truncate=truncate)
+
+    def _ec2(self, app: Any, query_text: str, body: bytes) -> Response:
+        """An EC2 query-protocol request (DescribeSnapshots), form in the body or the query."""
+        form = ec2.parse_form(body.decode("utf-8", "replace") if body else query_text)
+        app.counters_obj.request(form.get("Action") or "EC2")
+        status, xml = ec2.answer(app.store, app.clock.now(), form)
+        if status >= 400:
+            app.counters_obj.error(xml.split(b"<Code>")[1].split(b"</Code>")[0].decode())
+        return Response(status, [("Content-Type", "text/xml;charset=UTF-8")], xml)
 
     # Sending --------------------------------------------------------------------------------
 

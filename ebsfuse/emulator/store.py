@@ -33,6 +33,8 @@ MAX_VOLUME_GIB = 65536  # 64 TiB, the service's limit
 DEFAULT_TIMEOUT_MINUTES = 60  # the model's documented default for StartSnapshot.Timeout
 MAX_PENDING = 100  # default quota of pending snapshots per account
 OWNER_ID = "111122223333"  # any 12 digits: the emulator has one account
+# The volume AWS reports for snapshots made with StartSnapshot (and copies): not a real one.
+PLACEHOLDER_VOLUME = "vol-ffffffff"
 
 
 @dataclass(eq=False)
@@ -45,6 +47,7 @@ class Snapshot:
     start_time: float
     parent: Snapshot | None = None
     owner_id: str = OWNER_ID
+    volume_id: str = PLACEHOLDER_VOLUME
     description: str = ""
     tags: list[dict[str, str]] = field(default_factory=list)
     encrypted: bool = False
@@ -335,6 +338,8 @@ class Store:
         description: str,
         encrypted: bool,
         start_time: float | None,
+        volume_id: str = PLACEHOLDER_VOLUME,
+        tags: list[dict[str, str]] | None = None,
     ) -> Snapshot:
         """Create a snapshot directly from block contents, in any status."""
         if status not in ("pending", "completed", "error"):
@@ -371,6 +376,8 @@ class Store:
                 encrypted=encrypted or (parent is not None and parent.encrypted),
                 last_activity=now,
                 state=status,
+                volume_id=volume_id,
+                tags=list(tags or []),
             )
             if snap.encrypted:
                 snap.kms_key_arn = parent.kms_key_arn if parent else default_kms_arn(OWNER_ID)
@@ -400,6 +407,7 @@ class Store:
                 description=f"synthetic {canonical}",
                 state="completed",
                 synthetic=canonical,
+                volume_id=spec.volume_id or PLACEHOLDER_VOLUME,
             )
             self._snapshots[snap.snapshot_id] = snap
         if self.data_dir is not None:

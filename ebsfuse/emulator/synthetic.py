@@ -11,6 +11,8 @@ SPEC grammar (comma-separated `key=value`, order free):
     seed=N                   integer picking the content and the random pattern (default 0)
     id=snap-HEX              the snapshot id (default: derived from the spec, so the same spec
                              always names the same snapshot)
+    volume=vol-HEX           the volume EC2 DescribeSnapshots reports (default vol-ffffffff,
+                             as for snapshots made with StartSnapshot)
 
 Content: one pseudo-random 512 KiB buffer per seed, whose last 32 bytes are replaced by a stamp
 (magic, seed, block index). Every block therefore differs, and its SHA-256 is the hash state of
@@ -40,6 +42,7 @@ _GROUP = 1024
 # few hundred groups (a few hundred KiB) cover every reader's working set.
 _GROUP_CACHE = 256
 _ID_RE = re.compile(r"^snap-[0-9a-f]{1,59}$")
+_VOLUME_RE = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")
 
 
 class SpecError(ValueError):
@@ -55,11 +58,13 @@ class SyntheticSpec:
     arg: float  # N for every/first, FRACTION for random, unused for all
     seed: int
     snapshot_id: str
+    volume_id: str | None = None
 
     def canonical(self) -> str:
         """The spec written out in full, the form persisted and compared."""
+        volume = f",volume={self.volume_id}" if self.volume_id else ""
         return f"size={self.size_gib},pattern={self._pattern_text()},seed={self.seed}," + (
-            f"id={self.snapshot_id}"
+            f"id={self.snapshot_id}{volume}"
         )
 
     def _pattern_text(self) -> str:
@@ -80,7 +85,7 @@ def parse_spec(text: str) -> SyntheticSpec:
         key, sep, value = part.partition("=")
         if not sep or not value:
             raise SpecError(f"synthetic spec {text!r}: expected key=value, got {part!r}")
-        if key not in ("size", "pattern", "seed", "id"):
+        if key not in ("size", "pattern", "seed", "id", "volume"):
             raise SpecError(f"synthetic spec {text!r}: unknown key {key!r}")
         if key in fields:
             raise SpecError(f"synthetic spec {text!r}: {key} given twice")
@@ -100,7 +105,10 @@ def parse_spec(text: str) -> SyntheticSpec:
         snapshot_id = "snap-" + hashlib.sha256(spec_key).hexdigest()[:17]
     elif not _ID_RE.match(snapshot_id):
         raise SpecError(f"synthetic spec {text!r}: id must look like snap-0123456789abcdef0")
-    return SyntheticSpec(size, pattern, arg, seed, snapshot_id)
+    volume_id = fields.get("volume")
+    if volume_id is not None and not _VOLUME_RE.match(volume_id):
+        raise SpecError(f"synthetic spec {text!r}: volume must look like vol-0123456789abcdef0")
+    return SyntheticSpec(size, pattern, arg, seed, snapshot_id, volume_id)
 
 
 def _int(text: str, key: str, value: str) -> int:
