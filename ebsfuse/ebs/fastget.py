@@ -704,7 +704,10 @@ class FastBlockGetter:
                 if conn.in_body:
                     phase = "body"
                 conn.close()
-            if late or isinstance(exc, _DeadlinePassed):
+            # A socket timeout set to what was left of the deadline may fire before the
+            # watchdog's scan: it is the deadline too, and says so.
+            at_deadline = isinstance(exc, TimeoutError) and time.monotonic() >= deadline - 0.05
+            if late or at_deadline or isinstance(exc, _DeadlinePassed):
                 phase = "deadline"
             raise self._network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)

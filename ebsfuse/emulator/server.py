@@ -175,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._send(app.control(self.command, path, body))
             return
-        if path == "/" and self.command in ("GET", "POST"):
+        if path == "/" and ("Action=" in query_text or (self.command == "POST" and body)):
             self._send(self._ec2(app, query_text, body))
             return
         found = route(self.command, path)
