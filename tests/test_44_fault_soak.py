@@ -81,6 +81,12 @@ READER = textwrap.dedent(
         start = offset - first * B
         if data != expected[start : start + size]:
             wrong += 1
+            # Say what was wrong (a short read, or where the bytes first differ), for the log.
+            want = expected[start : start + size]
+            diffs = (i for i, (a, b) in enumerate(zip(data, want)) if a != b)
+            at = next(diffs, min(len(data), len(want)))
+            print(f"WRONG at {offset}+{size}: got {len(data)} bytes, first difference at {at}",
+                  file=sys.stderr)
         else:
             ok += 1
         # Drop what the kernel kept, so the next reads reach the daemon again.
