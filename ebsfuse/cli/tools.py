@@ -357,7 +357,7 @@ assert BLOCK_SIZE == 524288  # the tools' offsets assume the API's only block si
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from ..core.diskcache import ENTRY_SIZE, DiskCache
+    from ..core.diskcache import DiskCache
     from ..tools.progress import human_bytes
 
     if args.action == "drop" and not args.snapshot:
@@ -366,7 +366,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise EbsfuseError(f"cache {args.action} takes no snapshot id")
     if not os.path.isdir(args.cache_dir):
         raise EbsfuseError(f"cache directory {args.cache_dir} does not exist")
-    disk = DiskCache(args.cache_dir, max_bytes=ENTRY_SIZE)  # no limit to apply here
+    disk = DiskCache(args.cache_dir)
     try:
         if args.action == "drop":
             dropped = disk.drop(args.snapshot)
@@ -378,7 +378,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
             line = f"dropped {dropped} blocks"
         else:
             doc = disk.summary()
-            del doc["limit"]
             line = _cache_table(doc, human_bytes)
     finally:
         disk.close()

@@ -215,7 +215,7 @@ class DiskCache:
         return count
 
     def summary(self) -> dict[str, object]:
-        """Entries and bytes per snapshot, from the directory itself, and this process's limit."""
+        """Entries and bytes per snapshot, from the directory itself."""
         per_snapshot: dict[str, int] = {}
         for snapshot_id, _ in self._entries():
             per_snapshot[snapshot_id] = per_snapshot.get(snapshot_id, 0) + 1
@@ -224,7 +224,6 @@ class DiskCache:
             "directory": self.directory,
             "entries": entries,
             "bytes": entries * ENTRY_SIZE,
-            "limit": self.max_bytes,
             "snapshots": {
                 sid: {"blocks": n, "bytes": n * ENTRY_SIZE}
                 for sid, n in sorted(per_snapshot.items())

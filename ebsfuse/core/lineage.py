@@ -75,13 +75,14 @@ class Lineage:
         for other in self._members:
             if other == snapshot_id or not self._ctx.held(other, index):
                 continue
-            pair = self._pair(other, snapshot_id)
+            key = self._key(other, snapshot_id)
+            pair = self._pair(key)
             if pair is None:
                 continue
             # A slow listing must not eat the read's budget: past this, fetch the block.
             unchanged = False
             with trio.move_on_after(self._ctx.policy.budget_s * LISTING_SHARE):
-                unchanged = await self._unchanged(pair, index)
+                unchanged = await self._unchanged(key, pair, index)
             if not unchanged:
                 continue
             data = self._ctx.cache.peek((other, index)) or await self._ctx.from_disk(other, index)
@@ -89,11 +90,14 @@ class Lineage:
                 return data
         return None
 
-    def _pair(self, a: str, b: str) -> BlockMap[ChangedBlock] | None:
-        """The changed blocks between `a` and `b` (in the order they joined), or None when
-        they are known to be unrelated."""
+    def _key(self, a: str, b: str) -> tuple[str, str]:
+        """A pair as (first, second), in the order the two joined."""
         first, second = sorted((a, b), key=self._order.__getitem__)
-        key = (first, second)
+        return first, second
+
+    def _pair(self, key: tuple[str, str]) -> BlockMap[ChangedBlock] | None:
+        """The changed blocks between the pair, or None when it is known to be unrelated."""
+        first, second = key
         if key in self._unrelated:
             return None
         pair = self._pairs.get(key)
@@ -112,33 +116,34 @@ class Lineage:
         self._pairs.move_to_end(key)
         return pair
 
-    async def _unchanged(self, pair: BlockMap[ChangedBlock], index: int) -> bool:
+    async def _unchanged(
+        self, key: tuple[str, str], pair: BlockMap[ChangedBlock], index: int
+    ) -> bool:
         """Whether the pair's checked listing proves block `index` the same in both."""
         if pair.range_count:
-            return await self._lookup(pair, index)
+            return await self._lookup(key, pair, index)
         # Until one listing of the pair has succeeded it may be unrelated: readers of several
         # blocks ask one at a time, so an unrelated pair is asked once, not once per reader.
         async with self._first_listing:
-            if tuple(pair.snapshot_id.split("..")) in self._unrelated:
+            if key in self._unrelated:
                 return False
-            return await self._lookup(pair, index)
+            return await self._lookup(key, pair, index)
 
-    async def _lookup(self, pair: BlockMap[ChangedBlock], index: int) -> bool:
+    async def _lookup(self, key: tuple[str, str], pair: BlockMap[ChangedBlock], index: int) -> bool:
         try:
             return await pair.lookup(index) is None
         except EbsError as error:
-            first, second = pair.snapshot_id.split("..")
             if error.reason == "UNRELATED_SNAPSHOTS" or not error.retryable:
-                log.info("%s and %s share no blocks: %s", first, second, error)
-                self._forget(first, second)
+                log.info("%s and %s share no blocks: %s", *key, error)
+                self._forget(key)
             else:
-                log.debug("%s..%s: changed blocks unknown for %d: %s", first, second, index, error)
+                log.debug("%s: changed blocks unknown for %d: %s", pair.snapshot_id, index, error)
             return False
         except IndexError:
             return False
 
-    def _forget(self, first: str, second: str) -> None:
-        self._pairs.pop((first, second), None)
-        self._unrelated[(first, second)] = None
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._pairs.pop(key, None)
+        self._unrelated[key] = None
         while len(self._unrelated) > MAX_VERDICTS:
             self._unrelated.popitem(last=False)

@@ -405,7 +405,8 @@ class SnapshotReader:
 
     async def _load_by(self, index: int, deadline: float) -> bytes | None:
         known, token = self.blockmap.cached_lookup(index)
-        if not (known and token is None):
+        tiers = self.ctx.disk is not None or self.ctx.lineage is not None
+        if tiers and not (known and token is None):  # a known hole needs no tier
             data = await self._from_tiers(index)
             if data is not None:
                 return data

@@ -472,7 +472,6 @@ class _Download:
             self.plan, self.opts, self.snapshot_id, info.size_bytes, base_volume
         )
         try:
-            self.done_below = self._state.done_below
             await self._transfer(reader, changes, info.num_blocks, result)
             if not self.plan.device and os.fstat(self._fd).st_size != info.size_bytes:
                 os.ftruncate(self._fd, info.size_bytes)  # an incremental to a smaller volume
