@@ -63,12 +63,25 @@ def answer(store: Store, now: float, form: Mapping[str, str]) -> tuple[int, byte
             )
         return 200, _describe(store, now, form, request_id)
     except Ec2Error as error:
-        body = (
-            f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
-            f"<Code>{escape(error.code)}</Code><Message>{escape(str(error))}</Message>"
-            f"</Error></Errors><RequestID>{request_id}</RequestID></Response>"
-        )
-        return error.status, body.encode()
+        return error_answer(error, request_id)
+
+
+# Answers for the emulator's EC2 faults: a caller whose policy lacks the action, and EC2's
+# throttling (which it answers 503 RequestLimitExceeded, unlike EBS's 429).
+UNAUTHORIZED = Ec2Error(
+    "UnauthorizedOperation", "You are not authorized to perform this operation.", 403
+)
+THROTTLED = Ec2Error("RequestLimitExceeded", "Request limit exceeded.", 503)
+
+
+def error_answer(error: Ec2Error, request_id: str | None = None) -> tuple[int, bytes]:
+    """(HTTP status, XML body) of an EC2 error answer."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+        f"<Code>{escape(error.code)}</Code><Message>{escape(str(error))}</Message>"
+        f"</Error></Errors><RequestID>{request_id or secrets.token_hex(16)}</RequestID></Response>"
+    )
+    return error.status, body.encode()
 
 
 def _numbered(form: Mapping[str, str], prefix: str) -> list[str]:

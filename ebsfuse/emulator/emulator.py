@@ -239,6 +239,10 @@ class Emulator:
             chain.append((parent, content))
         return chain
 
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot, as EC2's DeleteSnapshot does (in-memory emulators only)."""
+        self.store.delete(snapshot_id)
+
     def create_synthetic(self, spec: str) -> str:
         """Create a synthetic snapshot from SPEC (see synthetic.py) and return its id."""
         return self.store.add_synthetic(parse_spec(spec)).snapshot_id

@@ -65,6 +65,8 @@ class Faults:
     # Access key ids answered AccessDeniedException, comma-separated: a caller whose IAM
     # policy lacks the ebs: actions, for testing how clients report it.
     denied_access_keys: str = ""
+    # Share of EC2 DescribeSnapshots calls answered RequestLimitExceeded (503), as EC2 throttles.
+    ec2_throttle_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

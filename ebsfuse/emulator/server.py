@@ -248,7 +248,13 @@ class Handler(BaseHTTPRequestHandler):
         """An EC2 query-protocol request (DescribeSnapshots), form in the body or the query."""
         form = ec2.parse_form(body.decode("utf-8", "replace") if body else query_text)
         app.counters_obj.request(form.get("Action") or "EC2")
-        status, xml = ec2.answer(app.store, app.clock.now(), form)
+        if app.faults.denies(self.headers.get("Authorization", "")):
+            status, xml = ec2.error_answer(ec2.UNAUTHORIZED)
+        elif app.faults.take(app.faults.ec2_throttle_rate, app.rng):
+            app.counters_obj.injected("ec2-throttle")
+            status, xml = ec2.error_answer(ec2.THROTTLED)
+        else:
+            status, xml = ec2.answer(app.store, app.clock.now(), form)
         if status >= 400:
             app.counters_obj.error(xml.split(b"<Code>")[1].split(b"</Code>")[0].decode())
         return Response(status, [("Content-Type", "text/xml;charset=UTF-8")], xml)

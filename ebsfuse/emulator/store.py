@@ -163,6 +163,14 @@ class Store:
             raise not_found(snapshot_id)
         return snap
 
+    def delete(self, snapshot_id: str) -> None:
+        """DeleteSnapshot: gone from both APIs; its children keep the blocks they inherit."""
+        if self.data_dir is not None:
+            raise ValueError("deleting a snapshot of a data directory is not supported")
+        with self._lock:
+            self.get(snapshot_id)
+            del self._snapshots[snapshot_id]
+
     def ids(self) -> list[str]:
         """Every snapshot id (for diagnostics)."""
         with self._lock:
