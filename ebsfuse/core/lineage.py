@@ -19,6 +19,7 @@ most `MAX_VERDICTS` remembered unrelated pairs, whatever the number of snapshots
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections import OrderedDict
 
@@ -51,6 +52,7 @@ class Lineage:
         self._ctx = ctx
         self._members: dict[str, int] = {}  # snapshot id -> its volume's block count
         self._order: dict[str, int] = {}  # snapshot id -> when it joined
+        self._joined = itertools.count()
         self._pairs: OrderedDict[tuple[str, str], BlockMap[ChangedBlock]] = OrderedDict()
         self._unrelated: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.stats = ReadStats()  # the ListChangedBlocks calls' retries
@@ -58,8 +60,15 @@ class Lineage:
         self._first_listing = trio.Lock()
 
     def add(self, snapshot_id: str, num_blocks: int) -> None:
-        self._order.setdefault(snapshot_id, len(self._order))
+        self._order.setdefault(snapshot_id, next(self._joined))
         self._members[snapshot_id] = num_blocks
+
+    def remove(self, snapshot_id: str) -> None:
+        """Forget a snapshot that left the process (a catalogue's image closed when idle)."""
+        self._members.pop(snapshot_id, None)
+        self._order.pop(snapshot_id, None)
+        for key in [k for k in self._pairs if snapshot_id in k]:
+            self._evicted_list_calls += self._pairs.pop(key).list_calls
 
     @property
     def list_calls(self) -> int:

@@ -78,7 +78,7 @@ MAX_REMEMBERED_FAILURES = 4096
 DEADLINE_GRACE_S = 1.0
 # trio 0.23 renamed `cancellable` to `abandon_on_cancel`: a thread left behind by a cancelled
 # wait ends at its request's own deadline.
-_ABANDON_ON_CANCEL = (
+ABANDON_ON_CANCEL = (
     {"abandon_on_cancel": True}
     if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
     else {"cancellable": True}
@@ -219,7 +219,7 @@ class FetchContext:
                     request,
                     wall_deadline,
                     limiter=self.limiter,
-                    **_ABANDON_ON_CANCEL,
+                    **ABANDON_ON_CANCEL,
                 )
             except EbsError as error:
                 if count_requests and not isinstance(error, NotSent):
@@ -289,6 +289,7 @@ class SnapshotReader:
         self.blockmap = blockmap
         self.ctx = ctx
         self.stats = stats or ReadStats()
+        self._gone_reported = False  # a SNAPSHOT_NOT_FOUND already logged
 
     def cached_block(self, index: int) -> bytes | None:
         """The block if the cache holds it (counted as a hit), else None; never waits."""
@@ -348,6 +349,16 @@ class SnapshotReader:
         with contextlib.suppress(Exception):
             await self._lead(key, trio.current_time() + self.ctx.policy.budget_s, prefetch=True)
 
+    def _log_failure(self, error: EbsError) -> None:
+        """One line per failed block; for a snapshot that is gone (deleted while mounted) one
+        line in all, since every later block of it fails the same way."""
+        level = self.ctx.failure_level
+        if error.reason == "SNAPSHOT_NOT_FOUND":
+            if self._gone_reported:
+                level = logging.DEBUG
+            self._gone_reported = True
+        log.log(level, "%s (after %d attempts)", error, error.attempts)
+
     async def _lead(self, key: Key, deadline: float, *, prefetch: bool) -> bytes | None:
         ctx = self.ctx
         flight = ctx.inflight.get(key)
@@ -369,7 +380,7 @@ class SnapshotReader:
                 raise
             self.stats.failures += 1
             ctx.remember_failure(key, error)
-            log.log(ctx.failure_level, "%s (after %d attempts)", error, error.attempts)
+            self._log_failure(error)
             raise
         except BaseException as exc:
             flight.error = exc
