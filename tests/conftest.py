@@ -80,7 +80,8 @@ def aws_env(endpoint: str | None) -> dict[str, str]:
         AWS_EC2_METADATA_DISABLED="true",
     )
     if endpoint:
-        env["AWS_ENDPOINT_URL_EBS"] = endpoint
+        # The emulator answers EC2 DescribeSnapshots on the same port.
+        env["AWS_ENDPOINT_URL_EBS"] = env["AWS_ENDPOINT_URL_EC2"] = endpoint
     return env
 
 

@@ -354,6 +354,37 @@ def test_mount_t_fuse_ebsfuse_and_fstab_convention(
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
+@pytest.mark.parametrize("by_option", [False, True], ids=["source", "volume-option"])
+def test_fstab_mounts_a_volumes_history(
+    emu: Emulator, env: dict[str, str], workdir: Path, mount_helper: None, by_option: bool
+) -> None:
+    volume = "vol-0123456789abcdef0"
+    chain = emu.create_daily_chain(volume, 2, written_blocks=2, changed_per_day=1)
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    options = f"endpoint_url={env['AWS_ENDPOINT_URL_EBS']},catalog_ttl=300,_netdev"
+    source = volume
+    if by_option:
+        source, options = "ebsfuse", f"{options},volume={volume}"
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "fuse.ebsfuse", source, str(mnt), "-o", options],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        latest = mnt / "by-volume" / volume / "latest"
+        assert os.readlink(latest) == f"../../{chain[-1][0]}.img"
+        with open(latest, "rb") as f:
+            assert f.read(BLOCK_SIZE) == chain[-1][1][0]
+        assert run_ebsfuse("unmount", str(mnt), env=env).returncode == 0
+        wait_for(lambda: not daemon_pids(mnt), what="the daemon to exit")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
 def test_audit_log_lists_exactly_the_blocks_fetched(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:

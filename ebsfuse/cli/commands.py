@@ -22,6 +22,7 @@ from . import workflows as workflows_cli
 from .options import (
     PROG,
     OneLineParser,
+    add_catalogue_arguments,
     add_client_arguments,
     add_daemon_arguments,
     mount_options,
@@ -56,8 +57,14 @@ def build_parser() -> OneLineParser:
     sub.required = True
 
     m = sub.add_parser("mount", help="mount snapshots as <snapshot-id>.img files")
-    m.add_argument("snapshots", nargs="+", metavar="SNAPSHOT_ID", help="one or more snapshot ids")
+    m.add_argument(
+        "snapshots",
+        nargs="*",
+        metavar="SNAPSHOT_ID",
+        help="snapshot ids (a vol-... id is taken as --volume)",
+    )
     m.add_argument("mountpoint", metavar="MOUNTPOINT")
+    add_catalogue_arguments(m)
     add_client_arguments(m)
     add_daemon_arguments(m)
     m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -98,14 +105,20 @@ def build_parser() -> OneLineParser:
 def cmd_mount(args: argparse.Namespace) -> int:
     from ..fuse.mount import check_options, run_daemon, start_background
 
+    snapshots = [s for s in args.snapshots if not s.startswith("vol-")]
+    args.volume_ids += [s for s in args.snapshots if s.startswith("vol-")]
     opts = mount_options(
         args,
-        list(args.snapshots),
+        snapshots,
         os.path.realpath(args.mountpoint),  # the kernel records the resolved path
         foreground=args.foreground,
         allow_other=args.allow_other,
         ready_fd=args.ready_fd,
         kernel_tuning=args.kernel_tuning,
+        volume_ids=args.volume_ids,
+        filters=args.filters,
+        owner_ids=[o for value in args.owner_ids for o in value.split(",") if o],
+        catalog_ttl_s=args.catalog_ttl,
     )
     check_options(opts)
     if opts.foreground:
@@ -223,7 +236,7 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
         elif key_flag in (
             "region", "profile", "endpoint-url", "cache-size", "max-concurrency",
             "block-timeout", "max-rps", "log-level", "log-file", "audit-log", "cache-dir",
-            "cache-dir-size", "base",
+            "cache-dir-size", "base", "volume", "owner-ids", "catalog-ttl",
         ):  # fmt: skip
             if not value:
                 raise UsageError(f"mount option {key} needs a value ({key}=...)")
@@ -231,6 +244,8 @@ def translate_mount_helper_argv(argv: list[str]) -> list[str]:
         else:
             raise UsageError(f"unknown mount option {option!r}")
     snapshots = [s for s in re.split(r"[,:]", source) if s]
+    if "--volume" in out_flags and not all(s.startswith(("snap-", "vol-")) for s in snapshots):
+        snapshots = []  # fstab's first field says nothing when volume= names the volume
     return ["mount", *out_flags, "--", *snapshots, mountpoint]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
+from ..core.catalog import DEFAULT_TTL_S as DEFAULT_CATALOG_TTL_S
 from ..ebs.errors import UsageError
 
 if TYPE_CHECKING:
@@ -147,6 +148,40 @@ def cache_dir_of(args: argparse.Namespace) -> str | None:
     if args.cache_dir_size is not None and not args.cache_dir:
         raise UsageError("--cache-dir-size needs --cache-dir")
     return os.path.abspath(args.cache_dir) if args.cache_dir else None
+
+
+def add_catalogue_arguments(p: argparse.ArgumentParser) -> None:
+    """A mount of every snapshot a DescribeSnapshots query selects, instead of named ones."""
+    p.add_argument(
+        "--volume",
+        dest="volume_ids",
+        action="append",
+        default=[],
+        metavar="VOLUME_ID",
+        help="mount every completed snapshot of this volume, with by-volume/ (repeatable)",
+    )
+    p.add_argument(
+        "--filters",
+        action="append",
+        default=[],
+        metavar="Name=NAME,Values=V1,V2",
+        help="mount every completed snapshot this DescribeSnapshots filter selects, as the "
+        "AWS CLI writes it (repeatable: all apply)",
+    )
+    p.add_argument(
+        "--owner-ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="owners of the snapshots (self, an account id; default with --filters: self)",
+    )
+    p.add_argument(
+        "--catalog-ttl",
+        type=seconds,
+        default=DEFAULT_CATALOG_TTL_S,
+        metavar="SECONDS",
+        help="ask DescribeSnapshots again at most this often, when listed (default 60)",
+    )
 
 
 def add_daemon_arguments(p: argparse.ArgumentParser) -> None:

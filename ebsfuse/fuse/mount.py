@@ -30,14 +30,19 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .. import DEFAULT_TIMEOUT_S
+from ..core.catalog import DEFAULT_TTL_S
 from ..core.diskcache import DiskCache
+from ..ebs.ec2 import SnapshotQuery, parse_filter, validate_volume_id
 from ..ebs.errors import EbsfuseError, UsageError
 from ..ebs.ids import validate_snapshot_id
 from . import mountinfo
 
 if TYPE_CHECKING:
+    from ..core.catalog import Catalog
+    from ..core.imageset import ImageSet
     from ..core.reader import FetchContext
     from ..ebs.client import EbsClient
+    from ..ebs.ec2 import SnapshotRecord
     from .fs import SnapshotFS
 
 # pyfuse3, trio, boto3 and the read path are imported by the daemon only: the command that
@@ -75,6 +80,20 @@ class MountOptions:
     cache_dir: str | None = None
     cache_dir_size: int | None = None
     base_ids: list[str] = field(default_factory=list)
+    # A catalogue mount: every completed snapshot these select, refreshed every catalog_ttl_s.
+    volume_ids: list[str] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)  # the AWS CLI's --filters values
+    owner_ids: list[str] = field(default_factory=list)
+    catalog_ttl_s: float = DEFAULT_TTL_S
+
+    @property
+    def is_catalogue(self) -> bool:
+        return bool(self.volume_ids or self.filters)
+
+    def query(self) -> SnapshotQuery:
+        """The DescribeSnapshots query of a catalogue mount; UsageError on a bad filter."""
+        filters = [f for text in self.filters for f in parse_filter(text)]
+        return SnapshotQuery(list(self.volume_ids), filters, list(self.owner_ids))
 
     def daemon_argv(self, ready_fd: int) -> list[str]:
         argv = [
@@ -107,6 +126,15 @@ class MountOptions:
             argv += ["--cache-dir-size", str(self.cache_dir_size)]
         for base in self.base_ids:
             argv += ["--base", base]
+        for flag, values in (
+            ("--volume", self.volume_ids),
+            ("--filters", self.filters),
+            ("--owner-ids", self.owner_ids),
+        ):
+            for value in values:
+                argv += [flag, value]
+        if self.is_catalogue:
+            argv += ["--catalog-ttl", repr(self.catalog_ttl_s)]
         if self.allow_other:
             argv.append("--allow-other")
         if not self.kernel_tuning:
@@ -119,8 +147,15 @@ class MountOptions:
 
 def check_options(opts: MountOptions) -> None:
     """Everything that can be refused before starting a daemon, each with one clear line."""
-    if not opts.snapshot_ids:
-        raise UsageError("no snapshot id given")
+    if opts.is_catalogue and opts.snapshot_ids:
+        raise UsageError("give snapshot ids or --volume/--filters, not both")
+    if not opts.snapshot_ids and not opts.is_catalogue:
+        raise UsageError("no snapshot id given (or --volume VOLUME_ID, --filters ...)")
+    if opts.owner_ids and not opts.is_catalogue:
+        raise UsageError("--owner-ids goes with --volume or --filters")
+    for volume_id in opts.volume_ids:
+        validate_volume_id(volume_id)
+    opts.query()  # a malformed --filters is refused here
     seen: set[str] = set()
     for sid in opts.snapshot_ids:
         validate_snapshot_id(sid)
@@ -320,7 +355,7 @@ def sd_notify(state: str) -> None:
 
 
 def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS, FetchContext]:
-    from ..core.image import SnapshotImage
+    from ..core.imageset import ImageSet
     from ..core.lineage import Lineage
     from ..core.pipeline import describe_snapshot
     from ..core.reader import FetchContext
@@ -335,45 +370,83 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
         ctx.disk = DiskCache(opts.cache_dir, opts.cache_dir_size)
         log.info("disk cache %s: up to %d bytes", ctx.disk.directory, ctx.disk.max_bytes)
     lineage = Lineage(ctx)
-    images = []
-    start_times = snapshot_start_times(opts)
-    for sid in opts.snapshot_ids:
-        info = describe_snapshot(client, sid, policy)
-        log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
-        images.append(SnapshotImage(info, ctx, start_time=start_times.get(sid)))
-        lineage.add(sid, info.num_blocks)
+    images = ImageSet(ctx, lineage)
+    catalog = open_catalogue(opts) if opts.is_catalogue else fixed_catalogue(opts, client, images)
     for base in opts.base_ids:
         info = describe_snapshot(client, base, policy)
         lineage.add(base, info.num_blocks)
         log.info("%s: a base, read from the disk cache only", base)
-    if len(lineage.members) > 1:
+    # A catalogue's images join the lineage as they open; a fixed mount's are all there.
+    if opts.is_catalogue or len(lineage.members) > 1:
         ctx.lineage = lineage
-    return SnapshotFS(images, uid=os.getuid(), gid=os.getgid()), ctx
+    fs = SnapshotFS(catalog, images, uid=os.getuid(), gid=os.getgid(), by_volume=opts.is_catalogue)
+    return fs, ctx
+
+
+def fixed_catalogue(opts: MountOptions, client: EbsClient, images: ImageSet) -> Catalog:
+    """The snapshots named on the command line, each described (and so proven readable) now."""
+    from ..core.catalog import Catalog, CatalogView
+    from ..core.image import SnapshotImage
+    from ..core.pipeline import describe_snapshot
+    from ..ebs.ec2 import SnapshotRecord
+
+    start_times = snapshot_start_times(opts)
+    now = time.time()
+    records = []
+    for sid in opts.snapshot_ids:
+        info = describe_snapshot(client, sid, images.ctx.policy)
+        log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
+        started = start_times.get(sid)
+        images.add(SnapshotImage(info, images.ctx, start_time=started))
+        if images.lineage is not None:
+            images.lineage.add(sid, info.num_blocks)
+        start = started.timestamp() if started else now
+        records.append(SnapshotRecord(sid, "", start, info.size_bytes))
+    return Catalog(CatalogView(records))
+
+
+def open_catalogue(opts: MountOptions) -> Catalog:
+    """The snapshots a DescribeSnapshots query selects, asked now and again after the TTL.
+
+    A query that matches nothing refuses the mount: an empty directory that might fill later
+    would hide a mistyped volume id or filter, which is far more likely.
+    """
+    from ..core.catalog import Catalog, CatalogView
+    from ..ebs.ec2 import ec2_client, list_snapshots
+
+    query = opts.query()
+    ec2 = ec2_client(opts.region, opts.profile)
+
+    def fetch() -> list[SnapshotRecord]:
+        return list(list_snapshots(ec2, query))
+
+    view = CatalogView(fetch())
+    if not len(view):
+        raise EbsfuseError(f"no completed snapshot matches {query.describe()}: nothing to mount")
+    log.info(
+        "catalogue of %s: %d snapshots of %d volumes; asked again after %g s",
+        query.describe(),
+        len(view),
+        len(view.volumes),
+        opts.catalog_ttl_s,
+    )
+    return Catalog(view, fetch, ttl_s=opts.catalog_ttl_s)
 
 
 def snapshot_start_times(opts: MountOptions) -> dict[str, datetime]:
     """StartTime of each snapshot from EC2 DescribeSnapshots, for the images' mtime.
 
     The EBS direct APIs do not tell it. Asked only where EC2 is reachable the same way as EBS:
-    on AWS itself, or where an EC2 endpoint is configured next to a custom EBS one (an
-    emulator has no EC2). One quick attempt; without it mtime is the mount time.
+    on AWS itself, or where an EC2 endpoint is configured next to a custom EBS one. One quick
+    attempt; without it mtime is the mount time.
     """
+    from ..ebs.ec2 import ec2_client, start_times
+
     custom_ebs = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_EBS")
     if custom_ebs and not os.environ.get("AWS_ENDPOINT_URL_EC2"):
         return {}
     try:
-        import boto3
-        import botocore.config
-
-        session = boto3.session.Session(profile_name=opts.profile, region_name=opts.region)
-        ec2 = session.client(
-            "ec2",
-            config=botocore.config.Config(
-                connect_timeout=2, read_timeout=3, retries={"total_max_attempts": 1}
-            ),
-        )
-        answer = ec2.describe_snapshots(SnapshotIds=opts.snapshot_ids)
-        return {s["SnapshotId"]: s["StartTime"] for s in answer.get("Snapshots", [])}
+        return start_times(ec2_client(opts.region, opts.profile, quick=True), opts.snapshot_ids)
     except Exception as exc:
         log.info("snapshot start times unknown (%s); mtime is the mount time", exc)
         return {}
@@ -450,7 +523,8 @@ def run_daemon(opts: MountOptions) -> int:
         if opts.ready_fd is None:
             print(f"ebsfuse: {error}", file=sys.stderr)
         return 1
-    log.info("mounted %s at %s", ", ".join(opts.snapshot_ids), opts.mountpoint)
+    what = ", ".join(opts.snapshot_ids) or opts.query().describe()
+    log.info("mounted %s at %s", what, opts.mountpoint)
     try:
         trio.run(_serve, readiness, ctx, opts.mountpoint if opts.kernel_tuning else None)
     except BaseException:
