@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -71,6 +72,8 @@ def test_signals_stop_cleanly(processes: list[EmulatorProcess], sig: int) -> Non
         ["--log-level", "LOUD"],
         ["--no-such-flag"],
         ["--host", "256.1.1.1", "--port", "0"],
+        ["--daily-chain", "vol-0a"],
+        ["--catalogue", "many"],
     ],
 )
 def test_bad_arguments(args: list[str]) -> None:
@@ -113,6 +116,32 @@ def test_faults_from_command_line(processes: list[EmulatorProcess]) -> None:
     assert resp.status == 500
     counters = raw(proc.endpoint, "GET", "/_emulator/counters", auth=False).json()
     assert counters["errors_injected"]["InternalServerException"] == 1
+
+
+def test_a_volumes_history_and_a_large_account_from_the_command_line(
+    processes: list[EmulatorProcess],
+) -> None:
+    import boto3
+
+    proc = EmulatorProcess("--daily-chain", "vol-0123456789abcdef0:4", "--catalogue", "1200:3")
+    processes.append(proc)
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=proc.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+
+    def snapshots(volume: str) -> list[dict]:
+        pages = ec2.get_paginator("describe_snapshots").paginate(
+            Filters=[{"Name": "volume-id", "Values": [volume]}]
+        )
+        return [s for page in pages for s in page["Snapshots"]]
+
+    days = sorted(s["StartTime"] for s in snapshots("vol-0123456789abcdef0"))
+    assert [(b - a).total_seconds() for a, b in itertools.pairwise(days)] == [86400.0] * 3
+    assert [len(snapshots(f"vol-{n:017x}")) for n in (1, 2, 3)] == [400, 400, 400]
 
 
 def test_data_dir_survives_kill_9(processes: list[EmulatorProcess], tmp_dir: Path) -> None:

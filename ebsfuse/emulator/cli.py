@@ -66,6 +66,20 @@ def _spec(text: str) -> str:
     return text
 
 
+def _chain(text: str) -> tuple[str, int]:
+    volume, _, days = text.partition(":")
+    if not volume.startswith("vol-") or not days.isdigit() or int(days) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not VOLUME_ID:DAYS (e.g. vol-0a:30)")
+    return volume, int(days)
+
+
+def _catalogue(text: str) -> tuple[int, int]:
+    count, _, volumes = text.partition(":")
+    if not count.isdigit() or not (volumes or "1").isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not COUNT[:VOLUMES] (e.g. 100000:10)")
+    return int(count), max(1, int(volumes or "1"))
+
+
 def _kind_and_rate(kinds: tuple[str, ...]) -> Callable[[str], tuple[str, float]]:
     """A parser of KIND[:RATE] for one of `kinds`, RATE a fraction (default 1)."""
 
@@ -179,6 +193,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="create a synthetic snapshot, e.g. size=65536,pattern=all,seed=7 (repeatable)",
     )
     parser.add_argument(
+        "--daily-chain",
+        metavar="VOLUME_ID:DAYS",
+        type=_chain,
+        action="append",
+        default=[],
+        help="create DAYS daily snapshots of a volume, each a child of the day before with a "
+        "few blocks changed, as Data Lifecycle Manager makes them (repeatable)",
+    )
+    parser.add_argument(
+        "--catalogue",
+        metavar="COUNT[:VOLUMES]",
+        type=_catalogue,
+        help="create COUNT empty 1 GiB snapshots spread over VOLUMES volumes (default 1), "
+        "hourly apart: a large account for DescribeSnapshots",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -217,6 +247,12 @@ def run(args: argparse.Namespace) -> int:
         for spec in args.synthetic:
             sid = emu.create_synthetic(spec)
             log.info("synthetic snapshot %s (%s)", sid, spec)
+        for volume, days in args.daily_chain:
+            chain = emu.create_daily_chain(volume, days)
+            log.info("%d daily snapshots of %s, the last %s", days, volume, chain[-1][0])
+        if args.catalogue:
+            emu.create_catalogue(*args.catalogue)
+            log.info("%d snapshots of %d volumes", *args.catalogue)
         emu.start()
     except (OSError, ValueError) as e:
         print(f"ebsfuse emulator: {e}", file=sys.stderr)

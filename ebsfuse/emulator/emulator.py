@@ -239,6 +239,20 @@ class Emulator:
             chain.append((parent, content))
         return chain
 
+    def create_catalogue(self, count: int, volumes: int = 1) -> list[str]:
+        """`count` empty 1 GiB snapshots over `volumes` volumes (vol-...01, vol-...02, ...),
+        started an hour apart: an account with many snapshots, for DescribeSnapshots."""
+        start = datetime(2015, 1, 1, tzinfo=UTC)
+        return [
+            self.create_snapshot(
+                blocks={},
+                volume_size_gib=1,
+                start_time=start + timedelta(hours=i),
+                volume_id=f"vol-{i % volumes + 1:017x}",
+            )
+            for i in range(count)
+        ]
+
     def delete_snapshot(self, snapshot_id: str) -> None:
         """Delete a snapshot, as EC2's DeleteSnapshot does (in-memory emulators only)."""
         self.store.delete(snapshot_id)
