@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,10 @@ import trio
 
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.core.catalog import Catalog, CatalogView
+from ebsfuse.core.imageset import ImageSet
+from ebsfuse.core.lineage import Lineage
+from ebsfuse.core.pipeline import tool_context
+from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
 from ebsfuse.ebs.ec2 import (
     SnapshotQuery,
     SnapshotRecord,
@@ -29,7 +34,7 @@ from ebsfuse.ebs.ec2 import (
     list_snapshots,
     parse_filter,
 )
-from ebsfuse.ebs.errors import EbsfuseError, UsageError
+from ebsfuse.ebs.errors import EbsError, EbsfuseError, UsageError
 from ebsfuse.emulator import Emulator
 
 from .conftest import (
@@ -164,6 +169,39 @@ def test_listing_pages_through_ec2_and_skips_snapshots_not_completed(
     assert emu.counters()["requests"]["DescribeSnapshots"] == 2  # 1000 a page
 
 
+def test_images_open_once_however_many_readers_and_idle_ones_are_bounded(
+    emu: Emulator, env: dict[str, str]
+) -> None:
+    chain = emu.create_daily_chain(VOLUME, 5, written_blocks=4, changed_per_day=1)
+    client = EbsClient(ClientSettings(endpoint_url=emu.endpoint, region="us-east-1"))
+    ctx = tool_context(client, 4, RetryPolicy(attempts=2, base_delay_s=0.01))
+    lineage = Lineage(ctx)
+    images = ImageSet(ctx, lineage, max_idle=2)
+    sids = [sid for sid, _ in chain]
+    emu.reset_counters()
+
+    async def scenario() -> list[str]:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # three readers of one snapshot at once: one describe
+                nursery.start_soon(images.open, sids[0], None)
+        images.pin(sids[0])
+        for sid in sids[1:]:
+            await images.open(sid, None)
+        with pytest.raises(EbsError):
+            await images.open("snap-00000000000000000", None)
+        return [image.snapshot_id for image in images.live()]
+
+    try:
+        live = trio.run(scenario)
+    finally:
+        client.close()
+    # The pinned one stays; of the four idle ones, the two most recently opened.
+    assert live == [sids[0], sids[3], sids[4]]
+    assert lineage.members == live
+    assert (images.opened, images.closed) == (5, 2)
+    assert emu.counters()["requests"]["ListSnapshotBlocks"] == 6  # 5 images, 1 unknown id
+
+
 # -- a real filesystem over 30 days ---------------------------------------------------------
 
 
@@ -264,6 +302,9 @@ def test_a_file_on_every_day_of_a_month_fetches_only_what_changed(
                 mounted_filesystem(device, workdir / "fs") as fs,
             ):
                 assert (fs / "notes.txt").read_bytes() == day_text(day), name
+        stats = run_ebsfuse("stats", str(mount.mountpoint), env=env).stdout
+        assert "catalogue 30 snapshots of 1 volumes; 30 images open" in stats, stats
+        assert re.search(r"lineage 30 snapshots: [1-9][0-9]* blocks lent", stats), stats
         log = mount.log()
     fetched: dict[str, set[int]] = {}
     for line in audit.read_text().splitlines():

@@ -164,6 +164,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"rate {now}{cap}; {rate['throttles']} throttling answers, "
             f"{rate['rate_cuts']} cuts, {rate['waited_s']:.1f} s waited"
         )
+    catalogue = stats.get("catalogue")
+    if catalogue is not None:
+        print(
+            f"catalogue {catalogue['snapshots']} snapshots of {catalogue['volumes']} volumes; "
+            f"{catalogue['images_open']} images open ({catalogue['images_opened']} opened, "
+            f"{catalogue['images_closed']} closed); refreshed {catalogue['refreshes']} times, "
+            f"{catalogue['failed_refreshes']} failed"
+        )
+    snapshots = stats["snapshots"].values()
+    lineage = stats.get("lineage")
+    if lineage is not None:
+        lent = sum(s["cache"].get("lineage_hits", 0) for s in snapshots)
+        gets = sum(s["requests"]["GetSnapshotBlock"] for s in snapshots)
+        print(
+            f"lineage {len(lineage['snapshots'])} snapshots: {lent} blocks lent between them, "
+            f"{gets} fetched; ListChangedBlocks {lineage['requests']['ListChangedBlocks']}"
+        )
     for sid, s in stats["snapshots"].items():
         lat = s["latency_ms"]
         retries = ", ".join(f"{k} {v}" for k, v in s["retries"].items()) or "none"
