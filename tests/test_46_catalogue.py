@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import re
+import struct
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -362,6 +363,35 @@ def test_new_snapshots_appear_after_the_ttl_and_deleted_ones_go(
     # One line says the snapshot is gone, however many of its blocks failed.
     gone = [line for line in log.splitlines() if first in line and " ERROR " in line]
     assert len(gone) == 1 and "SNAPSHOT_NOT_FOUND" in gone[0], log
+
+
+def mbr_block(start_sector: int, sectors: int) -> bytes:
+    """A first block holding an MBR with one Linux partition."""
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", start_sector, sectors)
+    sector = bytes(446) + entry + bytes(48) + b"\x55\xaa"
+    return sector + bytes(BLOCK_SIZE - len(sector))
+
+
+@needs_fuse
+def test_partition_files_of_a_catalogue_appear_when_an_image_is_first_used(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    sid = emu.create_snapshot(
+        blocks={0: mbr_block(2048, 204800), 2: b"p" * BLOCK_SIZE},
+        volume_size_gib=1,
+        volume_id=VOLUME,
+    )
+    emu.reset_counters()
+    with MountedSnapshots(workdir / "mnt", [], env, "--volume", VOLUME) as mount:
+        root = mount.mountpoint
+        assert sorted(os.listdir(root)) == ["by-volume", f"{sid}.img"]  # nothing read yet
+        assert emu.counters()["requests"].get("GetSnapshotBlock", 0) == 0
+        part = root / f"{sid}-part1.img"  # looked up by name: that image's table is read
+        assert os.stat(part).st_size == 204800 * 512
+        with open(part, "rb") as f:
+            assert f.read(BLOCK_SIZE) == b"p" * BLOCK_SIZE  # sector 2048: block 2
+        assert sorted(os.listdir(root)) == ["by-volume", f"{sid}-part1.img", f"{sid}.img"]
+        assert not (root / f"{sid}-part2.img").exists()
 
 
 # -- bad input and EC2's failures ------------------------------------------------------------
