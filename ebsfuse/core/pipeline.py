@@ -6,13 +6,15 @@
 
 The mount reads blocks at random through `SnapshotReader.read_block` (single flight, readahead);
 `download` and `hash` consume `ordered_blocks`, the listed blocks in ascending order fetched a
-window ahead; `diff` and `download --base` walk the changed blocks of a pair. Under all of them
-each rule has one home:
+window ahead (in worker threads that fetch block after block, `SnapshotReader.fetch_blocking`,
+unless a lineage tier must be asked on trio); `diff` and `download --base` walk the changed
+blocks of a pair. Under all of them each rule has one home:
 
-- tokens: `BlockMap` (lazy listing by range, refresh before expiry) and `SnapshotReader._load_by`
-  (one re-list on a refused token);
-- the concurrency limit, the retry loop and the budget: `FetchContext.with_retries` driving
-  `ebs.retry.Attempts`; the shared request rate: `ebs.ratelimit`, inside the transport;
+- tokens: `BlockMap` (lazy listing by range, refresh before expiry); one re-list on a refused
+  token: `SnapshotReader._load_by`, and `_BulkStream._relist` for the threads' fetches;
+- the retry loop and the budget: `ebs.retry.Attempts`, driven on trio by
+  `FetchContext.with_retries` and blocking by `call_with_retries`, each attempt given what is
+  left (`reader.attempt_by`); the shared request rate: `ebs.ratelimit`, inside the transport;
 - length, SHA-256 and the audit line: `EbsClient.get_block`; listings checked whole: `ebs.pages`;
 - counters: the reader's `ReadStats`.
 
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
+import queue
 import signal
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -41,8 +45,10 @@ from ..ebs.retry import RetryPolicy
 from .blockmap import DEFAULT_MAX_TOKENS, BlockMap
 from .diskcache import DiskCache
 from .lineage import Lineage
-from .reader import FetchContext, PageLister, SnapshotReader
+from .reader import FetchContext, Fetched, PageLister, SnapshotReader
 from .stats import ReadStats
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -204,12 +210,19 @@ async def ordered_blocks(
     """
     send, receive = trio.open_memory_channel[_Slot](max(1, window))
     async with trio.open_nursery() as nursery:
-        stream = _Stream(reader, sink, nursery)
+        # Without a lineage tier (which borrows on trio) the fetches run in threads of their
+        # own, block after block; with it, each block takes the mount's path.
+        stream: _Stream | _BulkStream
+        if reader.ctx.lineage is None:
+            stream = _BulkStream(reader, sink, nursery)
+        else:
+            stream = _Stream(reader, sink, nursery)
         nursery.start_soon(stream.produce, wanted, send)
         try:
             yield OrderedBlocks(receive)
         finally:
             nursery.cancel_scope.cancel()
+            stream.close()
     reader.ctx.on_fetched = None
 
 
@@ -279,13 +292,131 @@ class _Stream:
 
     def _deliver(self, slot: _Slot, data: bytes | None) -> None:
         """Hand `data` to the slot, or to the sink."""
-        try:
-            if self._sink is None:
-                slot.data = data
-            else:
-                self._sink(slot.index, data)
-        except Exception as error:  # the sink's (a write that failed): raised in order
+        _deliver(slot, data, self._sink)
+
+    def close(self) -> None:
+        """Nothing to stop: the fetch tasks end with the nursery."""
+
+
+def _deliver(slot: _Slot, data: bytes | None, sink: Sink | None) -> None:
+    """Hand `data` to the slot, or to the sink (a write that fails is raised in order)."""
+    try:
+        if sink is None:
+            slot.data = data
+        else:
+            sink(slot.index, data)
+    except Exception as error:
+        slot.error = error
+
+
+class _BulkStream:
+    """The producing side of a tool's stream: worker threads that fetch block after block.
+
+    A tool reads each block once, in order, with no other reader to share a flight with, so
+    the mount's per-block machinery (a task, a single-flight entry, a cache entry and a hop to
+    a worker thread for each block) is pure cost; measured, it kept the trio thread busy for a
+    download's whole run. Here the trio thread only walks the block map and hands (block,
+    token) jobs to `ctx.max_concurrency` threads; each fetches with
+    `SnapshotReader.fetch_blocking` (the same retry loop, budget, verification and disk tier),
+    hands the bytes to the sink where there is one, and reports back with one callback. The
+    one re-list of a refused token happens here, on trio, where the block map lives.
+    """
+
+    def __init__(self, reader: SnapshotReader, sink: Sink | None, nursery: trio.Nursery) -> None:
+        self._reader = reader
+        self._sink = sink
+        self._nursery = nursery
+        self._trio = trio.lowlevel.current_trio_token()
+        self._jobs: queue.SimpleQueue[tuple[_Slot, str, bool] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fetch-{n}", daemon=True)
+            for n in range(reader.ctx.max_concurrency)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    async def produce(
+        self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
+    ) -> None:
+        async with send, contextlib.aclosing(wanted):
+            try:
+                async for index, fetch in wanted:
+                    slot = _Slot(index)
+                    token = await self._reader.blockmap.lookup(index) if fetch else None
+                    if token is None:
+                        _deliver(slot, None, self._sink)
+                        slot.done.set()
+                    else:
+                        self._jobs.put((slot, token, False))
+                    await send.send(slot)
+            except EbsError as error:
+                slot = _Slot(-1)
+                slot.error = error.fresh()
+                slot.done.set()
+                await send.send(slot)
+
+    def close(self) -> None:
+        """Stop the threads: each ends after its request (whose deadline bounds it)."""
+        self._stop.set()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None and not self._stop.is_set():
+            slot, token, relisted = job
+            outcome = self._reader.fetch_blocking(slot.index, token, self._stop)
+            sink_error: Exception | None = None
+            if outcome.data is not None and self._sink is not None:
+                try:
+                    self._sink(slot.index, outcome.data)
+                except Exception as error:  # raised in order, on the trio thread
+                    sink_error = error
+                outcome.data = None  # written: not held while the report waits its turn
+            try:
+                self._trio.run_sync_soon(self._done, slot, token, relisted, outcome, sink_error)
+            except trio.RunFinishedError:
+                return
+
+    def _done(
+        self,
+        slot: _Slot,
+        token: str,
+        relisted: bool,
+        outcome: Fetched,
+        sink_error: Exception | None,
+    ) -> None:
+        """On the trio thread: count the outcome and fill the slot (or re-list once)."""
+        self._reader.count(outcome)
+        error = outcome.error
+        if error is not None and error.token_refused and not relisted and not self._stop.is_set():
+            self._nursery.start_soon(self._relist, slot, token)
+            return
+        if error is not None:
             slot.error = error
+        elif sink_error is not None:
+            slot.error = sink_error
+        elif self._sink is None:
+            slot.data = outcome.data
+        slot.done.set()
+
+    async def _relist(self, slot: _Slot, token: str) -> None:
+        """Tokens expire, and a service may supersede them: re-list once, try once more."""
+        reader = self._reader
+        reader.stats.token_refusals += 1
+        log.info("%s: block %d: token refused, re-listing", reader.snapshot_id, slot.index)
+        reader.blockmap.invalidate(slot.index, token)
+        try:
+            fresh = await reader.blockmap.lookup(slot.index)
+        except EbsError as error:
+            slot.error = error.fresh()
+            slot.done.set()
+            return
+        if fresh is None:
+            _deliver(slot, None, self._sink)
+            slot.done.set()
+        else:
+            self._jobs.put((slot, fresh, True))
 
 
 def tool_context(

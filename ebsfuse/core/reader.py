@@ -41,9 +41,11 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import cachetools
@@ -52,7 +54,7 @@ import trio
 from ..ebs.client import EbsClient
 from ..ebs.errors import EbsError, NotSent
 from ..ebs.pages import BlockPage
-from ..ebs.retry import MIN_ATTEMPT_S, Attempts, RetryPolicy
+from ..ebs.retry import MIN_ATTEMPT_S, Attempts, RetryPolicy, call_with_retries
 from .blockmap import BlockMap, V
 from .diskcache import DiskCache
 from .stats import ReadStats
@@ -83,6 +85,34 @@ ABANDON_ON_CANCEL = (
     if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
     else {"cancellable": True}
 )
+
+
+def attempt_by(policy: RetryPolicy, request: Callable[..., T], wall_deadline: float) -> T:
+    """In a worker thread: `request` with what is left of the budget, if enough is."""
+    left = wall_deadline - time.monotonic()
+    if left < MIN_ATTEMPT_S:
+        raise NotSent(f"the {policy.budget_s:g} s budget was spent waiting")
+    return request(timeout=policy.attempt_timeout(left))
+
+
+@dataclass
+class Fetched:
+    """What a blocking fetch (`SnapshotReader.fetch_blocking`) came to, for the counters."""
+
+    data: bytes | None = None  # None once handed to a sink: the bytes are not held longer
+    nbytes: int = 0
+    error: EbsError | None = None
+    from_disk: bool = False
+    seconds: float = 0.0
+    sent: int = 0  # requests that went out
+    retried: list[str] = field(default_factory=list)  # the error codes retried
+
+
+class _Stopped(EbsError):
+    """A blocking fetch given up because its stream ended (nobody waits for the block)."""
+
+    def __init__(self) -> None:
+        super().__init__("the stream ended", code="Cancelled")
 
 
 class _Flight:
@@ -233,11 +263,7 @@ class FetchContext:
             await trio.sleep(delay)
 
     def _attempt(self, request: Callable[..., T], wall_deadline: float) -> T:
-        """In a worker thread: `request` with what is left of the budget, if enough is."""
-        left = wall_deadline - time.monotonic()
-        if left < MIN_ATTEMPT_S:
-            raise NotSent(f"the {self.policy.budget_s:g} s budget was spent waiting")
-        return request(timeout=self.policy.attempt_timeout(left))
+        return attempt_by(self.policy, request, wall_deadline)
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
         # The monotonic clock, not trio's: trio's starts anew (at a random offset) in each run.
@@ -401,6 +427,64 @@ class SnapshotReader:
         if self.ctx.on_fetched is not None:
             self.ctx.on_fetched(self.snapshot_id, index, data)
         return data, seconds
+
+    def fetch_blocking(self, index: int, token: str, stop: threading.Event) -> Fetched:
+        """In a worker thread of a bulk stream: the verified block from the disk tier, or
+        fetched under the policy's retry loop and budget (`call_with_retries`, the blocking
+        driver of the same `Attempts`); never raises. `stop` ends the backoff and the retries.
+
+        The counters are left to `count` on the trio thread; the one re-list on a refused
+        token is left to the caller, which owns the block map.
+        """
+        outcome = Fetched()
+        if self.ctx.disk is not None:
+            outcome.data = self.ctx.disk.get(self.snapshot_id, index)
+            if outcome.data is not None:
+                outcome.from_disk = True
+                return outcome
+        wall_deadline = time.monotonic() + self.ctx.policy.budget_s
+
+        def attempt() -> tuple[bytes, float]:
+            if stop.is_set():
+                raise _Stopped()
+            try:
+                request = functools.partial(self._timed_get, index, token)
+                return attempt_by(self.ctx.policy, request, wall_deadline)
+            except EbsError as error:
+                if not isinstance(error, NotSent):
+                    outcome.sent += 1
+                outcome.retried.append(error.code or "error")
+                raise
+
+        try:
+            outcome.data, outcome.seconds = call_with_retries(
+                attempt, self.ctx.policy, sleep=stop.wait
+            )
+            outcome.nbytes = len(outcome.data)
+            outcome.sent += 1
+        except EbsError as error:
+            outcome.error = error
+            outcome.retried.pop()  # the last failure was final, not retried
+        return outcome
+
+    def count(self, outcome: Fetched) -> None:
+        """On the trio thread: a blocking fetch's outcome in the counters, as `read_block`
+        counts its own; a failure logged once."""
+        stats = self.stats
+        if outcome.from_disk:
+            stats.disk_hits += 1
+            return
+        stats.cache_misses += 1
+        stats.get_requests += outcome.sent
+        for code in outcome.retried:
+            stats.count_retry(code)
+        if outcome.error is not None:
+            if not isinstance(outcome.error, _Stopped):
+                stats.failures += 1
+                self._log_failure(outcome.error)
+            return
+        stats.latency.add(outcome.seconds)
+        stats.bytes_fetched += outcome.nbytes
 
     async def _load(self, index: int, deadline: float) -> bytes | None:
         """The verified block, or None for a hole, by trio's clock reaching `deadline`."""

@@ -127,7 +127,7 @@ def call_with_retries(
     fn: Callable[[], T],
     policy: RetryPolicy,
     *,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
     keep_trying: Callable[[EbsError], bool] | None = None,
 ) -> T:
     """Run `fn` (which raises `EbsError`) under the policy, blocking, until `policy.budget_s`
