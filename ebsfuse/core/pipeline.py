@@ -10,8 +10,8 @@ window ahead (in worker threads that fetch block after block, `SnapshotReader.fe
 unless a lineage tier must be asked on trio); `diff` and `download --base` walk the changed
 blocks of a pair. Under all of them each rule has one home:
 
-- tokens: `BlockMap` (lazy listing by range, refresh before expiry); one re-list on a refused
-  token: `SnapshotReader._load_by`, and `_BulkStream._relist` for the threads' fetches;
+- tokens: `BlockMap` (lazy listing by range, refresh before expiry) and
+  `SnapshotReader.relist` (one re-list on a refused token);
 - the retry loop and the budget: `ebs.retry.Attempts`, driven on trio by
   `FetchContext.with_retries` and blocking by `call_with_retries`, each attempt given what is
   left (`reader.attempt_by`); the shared request rate: `ebs.ratelimit`, inside the transport;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import math
 import queue
 import signal
@@ -47,8 +46,6 @@ from .diskcache import DiskCache
 from .lineage import Lineage
 from .reader import FetchContext, Fetched, PageLister, SnapshotReader
 from .stats import ReadStats
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -401,13 +398,8 @@ class _BulkStream:
         slot.done.set()
 
     async def _relist(self, slot: _Slot, token: str) -> None:
-        """Tokens expire, and a service may supersede them: re-list once, try once more."""
-        reader = self._reader
-        reader.stats.token_refusals += 1
-        log.info("%s: block %d: token refused, re-listing", reader.snapshot_id, slot.index)
-        reader.blockmap.invalidate(slot.index, token)
         try:
-            fresh = await reader.blockmap.lookup(slot.index)
+            fresh = await self._reader.relist(slot.index, token)
         except EbsError as error:
             slot.error = error.fresh()
             slot.done.set()

@@ -515,14 +515,18 @@ class SnapshotReader:
         except EbsError as error:
             if not error.token_refused:
                 raise
-        # Tokens expire, and a service may supersede them: re-list once, try once more.
-        self.stats.token_refusals += 1
-        log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
-        self.blockmap.invalidate(index, token)
-        token = await self.blockmap.lookup(index)
+        token = await self.relist(index, token)
         if token is None:
             return None
         return await self._fetch(index, token, deadline)
+
+    async def relist(self, index: int, refused: str) -> str | None:
+        """Tokens expire, and a service may supersede them: after a refusal the block's token
+        is listed again, once; the caller tries once more with it (None: now a hole)."""
+        self.stats.token_refusals += 1
+        log.info("%s: block %d: token refused, re-listing", self.snapshot_id, index)
+        self.blockmap.invalidate(index, refused)
+        return await self.blockmap.lookup(index)
 
     async def _from_tiers(self, index: int) -> bytes | None:
         """The block from disk, or borrowed from a related snapshot, before any request."""
