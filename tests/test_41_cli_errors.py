@@ -222,3 +222,20 @@ def test_stats_and_help_load_no_fuse_trio_or_boto3(tmp_path: Path) -> None:
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
     assert "cache 0 of 0 MiB" in done.stdout
+
+
+def test_points_in_time_read_as_restore_at_takes_them() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from ebsfuse.cli.options import point_in_time
+
+    assert point_in_time("2026-11-02T12:00:00Z") == datetime(2026, 11, 2, 12, tzinfo=UTC)
+    assert point_in_time("2026-11-02 12:00") == datetime(2026, 11, 2, 12, tzinfo=UTC)
+    assert point_in_time("2026-11-02T13:00:00+01:00") == datetime(2026, 11, 2, 12, tzinfo=UTC)
+    for text, ago in (
+        ("yesterday", timedelta(days=1)),
+        ("3 days ago", timedelta(days=3)),
+        ("90 minutes ago", timedelta(minutes=90)),
+        ("1 week ago", timedelta(7)),
+    ):
+        assert abs(datetime.now(UTC) - ago - point_in_time(text)) < timedelta(seconds=5), text

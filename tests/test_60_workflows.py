@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,10 @@ EXT4_START, EXT4_SIZE = 2048 * SECTOR, 64 * MIB
 XFS_START, XFS_SIZE = EXT4_START + EXT4_SIZE, 320 * MIB
 RAW_START, RAW_SIZE = XFS_START + XFS_SIZE, 8 * MIB
 WRITES = ("PutSnapshotBlock", "StartSnapshot", "CompleteSnapshot")
-# A fixed, recognisable time for every file of the source tree.
-MTIME_NS = 1_600_000_000_000_000_000
+# A fixed, recognisable time for every file of the source tree, to the nanosecond.
+MTIME_NS = 1_600_000_000_123_456_789
+# The file capability ping and many daemons ship with, as setcap writes it.
+CAPABILITY = "cap_net_raw=ep"
 
 
 def need(*tools: str) -> None:
@@ -78,10 +81,22 @@ def source_tree(root: Path) -> dict[str, bytes]:
         f.seek(3 * MIB)
         f.write(b"after a hole")
     os.chmod(root / "docs", 0o750)
+    # What a system restore must keep beyond cp's basics: a file capability, user and security
+    # extended attributes, and a POSIX ACL (default ACL on a directory too).
+    (root / "data" / "ping").write_bytes(b"\x7fELF pretend binary\n")
+    os.chmod(root / "data" / "ping", 0o755)
+    subprocess.run(["setcap", CAPABILITY, str(root / "data" / "ping")], check=True)
+    os.setxattr(root / "data" / "owned.txt", "user.origin", b"incident 4711")
+    os.setxattr(root / "hello.txt", "security.selinux", b"system_u:object_r:etc_t:s0\0")
+    (root / "data" / "shared.txt").write_bytes(b"readable by one more user\n")
+    subprocess.run(["setfacl", "-m", "u:1234:r", str(root / "data" / "shared.txt")], check=True)
+    subprocess.run(["setfacl", "-d", "-m", "g:5678:rx", str(root / "docs")], check=True)
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames + dirnames:
             os.utime(Path(dirpath) / name, ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
     files["data/owned.txt"] = b"owned by someone else\n"
+    files["data/ping"] = b"\x7fELF pretend binary\n"
+    files["data/shared.txt"] = b"readable by one more user\n"
     files["data/sparse.bin"] = bytes(3 * MIB) + b"after a hole"
     return files
 
@@ -127,7 +142,7 @@ def _digests(blocks: dict[int, bytes], size: int) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def gpt_disk() -> Iterator[GptDisk]:
-    need("sgdisk", "mkfs.xfs")
+    need("sgdisk", "mkfs.xfs", "setcap", "setfacl")
     root = Path(tempfile.mkdtemp(dir=RUN_ROOT))
     try:
         tree = root / "tree"
@@ -135,7 +150,20 @@ def gpt_disk() -> Iterator[GptDisk]:
         files = source_tree(tree)
         ext4 = root / "ext4.img"
         subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-d", str(tree), "-L", "snap-root", str(ext4), "64M"],
+            # 256-byte inodes: room for nanosecond times and in-inode attributes.
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-I",
+                "256",
+                "-d",
+                str(tree),
+                "-L",
+                "snap-root",
+                str(ext4),
+                "64M",
+            ],
             check=True,
         )
         xfs = root / "xfs.img"
@@ -224,7 +252,8 @@ def no_writes(emu: Emulator) -> None:
 
 
 def tree_of(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every entry below root: type, mode, owner, mtime, and content or link target."""
+    """Every entry below root: type, mode, owner, mtime, content or link target, and its
+    extended attributes (capabilities, ACLs and labels included) with their values."""
     out: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -240,7 +269,11 @@ def tree_of(root: Path) -> dict[str, tuple[object, ...]]:
             else:
                 body = None
             size = None if stat.S_ISDIR(st.st_mode) else st.st_size  # a directory's varies by fs
-            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, body)
+            xattrs = {
+                name: os.getxattr(path, name, follow_symlinks=False)
+                for name in sorted(os.listxattr(path, follow_symlinks=False))
+            }
+            out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, body, xattrs)
     return out
 
 
@@ -390,6 +423,166 @@ def test_restore_a_file_and_a_directory(
     assert done.returncode == 0 and os.readlink(dest / "l") == "../hello.txt"
     assert list(dest.glob(".*")) == []  # no temporary names left
     no_writes(emu)
+    assert_nothing_left(workdir / "run")
+
+
+def entry_of(path: Path) -> tuple[object, ...]:
+    """One entry as tree_of records those below a root."""
+    return tree_of(path.parent)[path.name]
+
+
+def test_restore_several_paths_keeps_capabilities_acls_labels_and_nanoseconds(
+    emu: Emulator,
+    wenv: dict[str, str],
+    workdir: Path,
+    sid: str,
+    gpt_disk: GptDisk,
+    reference: dict[str, Path],
+) -> None:
+    for number in ("1", "2"):  # ext4, then XFS
+        dest = workdir / f"dest-{number}"
+        dest.mkdir()
+        manifest = workdir / f"manifest-{number}.jsonl"
+        done = run_ebsfuse(
+            "restore", sid, "data", "/docs", "hello.txt", str(dest), "--partition", number,
+            "--manifest", str(manifest), "--verify", env=wenv,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""  # nothing refused, nothing lost
+        source = reference[number]
+        for name in ("data", "docs", "hello.txt"):
+            assert entry_of(dest / name) == entry_of(source / name), name
+        assert tree_of(dest / "data") == tree_of(source / "data")
+        assert tree_of(dest / "docs") == tree_of(source / "docs")
+        caps = subprocess.run(
+            ["getcap", str(dest / "data" / "ping")], capture_output=True, text=True
+        )
+        assert CAPABILITY in caps.stdout, (number, caps)
+        acl = subprocess.run(
+            ["getfacl", "-cp", str(dest / "data" / "shared.txt")], capture_output=True, text=True
+        )
+        assert "user:1234:r--" in acl.stdout
+        assert os.stat(dest / "data" / "tool").st_mode & stat.S_ISGID
+        if number == "2":  # XFS holds the nanoseconds (mkfs.ext4 -d kept whole seconds only)
+            assert os.stat(dest / "hello.txt").st_mtime_ns == MTIME_NS
+        entries = {e["path"]: e for e in map(json.loads, manifest.read_text().splitlines())}
+        files = sum(e["kind"] == "file" for e in entries.values())
+        assert files == 9 and f"verified: {files} files" in done.stdout, done.stdout
+        ping = entries["/data/ping"]
+        assert ping["written"] == str(dest / "data" / "ping") and ping["kind"] == "file"
+        assert ping["sha256"] == hashlib.sha256(gpt_disk.files["data/ping"]).hexdigest()
+        assert ping["mode"] == "0755"
+        assert ping["mtime_ns"] == os.stat(source / "data" / "ping").st_mtime_ns
+        assert "security.capability" in ping["xattrs"]
+        # Copied in name order: the second name of the pair is the link.
+        assert entries["/data/owned.txt"]["kind"] == "hardlink"
+        assert entries["/data/owned.txt"]["link_to"] == str(dest / "data" / "hardlink")
+        assert (
+            entries["/data/sparse.bin"]["sha256"]
+            == hashlib.sha256(gpt_disk.files["data/sparse.bin"]).hexdigest()
+        )
+        restored = {str(Path(e["written"]).relative_to(dest)) for e in entries.values()}
+        assert restored == {"data", "docs", "hello.txt"} | {
+            f"{top}/{rel}" for top in ("data", "docs") for rel in tree_of(dest / top)
+        }
+    assert list(workdir.glob(".manifest*")) == []  # written aside, renamed into place
+    no_writes(emu)
+    assert_nothing_left(workdir / "run")
+
+
+def test_verify_names_a_restored_file_altered_before_the_check(
+    wenv: dict[str, str], workdir: Path, sid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebsfuse.fuse.mount import MountOptions
+    from ebsfuse.workflows.restore import restore
+
+    monkeypatch.setenv("EBSFUSE_RUNTIME_DIR", wenv["EBSFUSE_RUNTIME_DIR"])
+    dest = workdir / "dest"
+    dest.mkdir()
+    altered = dest / "data" / "random.bin"
+
+    def alter() -> None:
+        with open(altered, "r+b") as f:
+            f.seek(BLOCK_SIZE + 7)
+            byte = f.read(1)
+            f.seek(BLOCK_SIZE + 7)
+            f.write(bytes([byte[0] ^ 1]))
+
+    result = restore(
+        sid, ["data"], str(dest), partition=1, mount_options=MountOptions([], ""),
+        verify=True, before_verify=alter,
+    )  # fmt: skip
+    assert result.mismatched == [str(altered)]
+    assert result.verified == result.files - 1
+    assert_nothing_left(workdir / "run")
+
+
+def test_a_missing_path_among_several_is_named_and_the_rest_restored(
+    wenv: dict[str, str], workdir: Path, sid: str, gpt_disk: GptDisk
+) -> None:
+    dest = workdir / "dest"
+    dest.mkdir()
+    done = run_ebsfuse(
+        "restore", sid, "hello.txt", "/no/such", "docs", str(dest), "--partition", "1", env=wenv
+    )
+    assert_one_line_error(done, "no such file or directory in the snapshot: /no/such")
+    assert (dest / "hello.txt").read_bytes() == gpt_disk.files["hello.txt"]
+    assert (dest / "docs" / "readme.md").read_bytes() == gpt_disk.files["docs/readme.md"]
+    assert sorted(p.name for p in dest.iterdir()) == ["docs", "hello.txt"]
+    assert_nothing_left(workdir / "run")
+
+
+def test_a_destination_without_extended_attributes_says_what_it_lost(
+    wenv: dict[str, str], workdir: Path, sid: str, gpt_disk: GptDisk
+) -> None:
+    ramfs = workdir / "ramfs"  # ramfs keeps owners and modes, and no extended attribute
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)], check=True)
+    try:
+        done = run_ebsfuse(
+            "restore", sid, "data/owned.txt", "data/ping", str(ramfs), "--partition", "1",
+            "--json", env=wenv,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "warning" in lines[0], done.stderr
+        assert json.loads(done.stdout)["not_kept"] == ["user.origin", "security.capability"]
+        for lost in ("security.capability", "user.origin"):
+            assert lost in lines[0]
+        assert (ramfs / "owned.txt").read_bytes() == gpt_disk.files["data/owned.txt"]
+        assert os.stat(ramfs / "owned.txt").st_uid == 1234  # what it could keep, it kept
+    finally:
+        subprocess.run(["umount", str(ramfs)], capture_output=True)
+    assert_nothing_left(workdir / "run")
+
+
+def test_restore_as_of_a_time_picks_the_newest_snapshot_started_before_it(
+    emu: Emulator, wenv: dict[str, str], workdir: Path
+) -> None:
+    volume = "vol-0123456789abcdef0"
+    picked = []
+    for day in range(3):
+        tree = workdir / f"tree-{day}"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "motd").write_text(f"as it was on day {day}\n")
+        image = workdir / f"day-{day}.img"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "16M"], check=True)
+        started = datetime(2026, 11, 1 + day, 3, 0, tzinfo=UTC)
+        picked.append(
+            emu.create_snapshot(
+                blocks=_file_blocks(image), volume_size_gib=1, volume_id=volume, start_time=started
+            )
+        )
+    dest = workdir / "motd"
+    done = run_ebsfuse(
+        "restore", "--volume", volume, "--at", "2026-11-02T12:00:00Z", "/etc/motd", str(dest),
+        env=wenv,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert dest.read_text() == "as it was on day 1\n"
+    assert f"{volume} as of 2026-11-02T12:00:00Z: {picked[1]}, started 2026-11-02T03:00:00Z" in (
+        done.stderr
+    )
     assert_nothing_left(workdir / "run")
 
 
@@ -598,6 +791,18 @@ def test_bad_input_one_line_each_and_nothing_left(
         (("browse", sid, str(workdir / "missing")), ("does not exist",)),
         (("browse", sid, str(target), "--partition", "x"), ("not a partition number",)),
         (("hash", "snap-0123456789abcdef0"), ("snap-0123456789abcdef0",)),
+        (("restore", sid, "hello.txt", "data/../hello.txt", str(dest)),
+         ("would both be restored as", str(dest / "hello.txt"))),
+        (("restore", sid, "/hello.txt", str(dest), "--manifest", str(workdir / "no" / "m")),
+         ("cannot write the manifest", "No such file or directory")),
+        (("restore", sid, "/hello.txt", "/docs", str(dest / "new")),
+         ("DEST must be an existing directory",)),
+        (("restore", "--volume", "vol-ffffffff", "--at", "2001-01-01", "/x", str(dest)),
+         ("vol-ffffffff has no completed snapshot started at or before 2001-01-01T00:00:00Z",)),
+        (("restore", "--at", "yesterday", sid, "/x", str(dest)), ("--at needs --volume",)),
+        (("restore", "--volume", "vol-1", "--at", "now", "/x", str(dest)), ("not a volume id",)),
+        (("restore", "--volume", "vol-ffffffff", "--at", "soon", "/x", str(dest)),
+         ("cannot read the time 'soon'",)),
     ]  # fmt: skip
     try:
         for args, needles in cases:

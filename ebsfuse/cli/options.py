@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
@@ -76,6 +77,31 @@ def _positive_number(what: str) -> Callable[[str], float]:
 
 positive_float = _positive_number("a number")
 seconds = _positive_number("a number of seconds")
+
+
+_AGO_RE = re.compile(r"^(\d+)\s*(minute|hour|day|week)s?\s+ago$")
+_AGO_UNITS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
+
+
+def point_in_time(text: str) -> datetime:
+    """A moment, as `--at` takes it: ISO 8601 (UTC unless an offset is given), `now`,
+    `yesterday` (24 hours ago) or `N minutes|hours|days|weeks ago`."""
+    word = text.strip().lower()
+    now = datetime.now(UTC)
+    if word == "now":
+        return now
+    if word == "yesterday":
+        return now - timedelta(days=1)
+    ago = _AGO_RE.match(word)
+    if ago:
+        return now - timedelta(seconds=int(ago.group(1)) * _AGO_UNITS[ago.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cannot read the time {text!r} (use e.g. 2026-11-03T12:00:00Z, yesterday, 3 days ago)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:

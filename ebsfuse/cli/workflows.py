@@ -15,7 +15,9 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import Any
 
+from ..ebs.errors import UsageError
 from .options import (
     PROG,
     add_cache_dir_arguments,
@@ -24,6 +26,7 @@ from .options import (
     cache_dir_of,
     client_settings,
     mount_options,
+    point_in_time,
     positive_int,
 )
 
@@ -61,11 +64,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--keeper-fd", type=int, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_browse)
 
-    r = sub.add_parser("restore", help="copy a file or directory out of a snapshot")
-    r.add_argument("snapshot", metavar="SNAPSHOT_ID")
-    r.add_argument("path", metavar="PATH", help="path inside the snapshot's filesystem")
-    r.add_argument("dest", metavar="DEST", help="new name, or an existing directory to copy into")
+    r = sub.add_parser("restore", help="copy files or directories out of a snapshot")
+    r.add_argument(
+        "items",
+        nargs="+",
+        metavar="SNAPSHOT_ID PATH... DEST",
+        help="the snapshot (none with --volume), paths inside its filesystem, and DEST: a new "
+        "name, or an existing directory to copy into (which it must be for several paths)",
+    )
     _chain_arguments(r)
+    r.add_argument(
+        "--volume",
+        metavar="VOLUME_ID",
+        help="restore from this volume's newest completed snapshot started at or before --at",
+    )
+    r.add_argument(
+        "--at",
+        type=point_in_time,
+        metavar="TIME",
+        help="with --volume: ISO 8601 (UTC unless an offset is given), yesterday, 3 days ago...",
+    )
+    r.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="write one JSON line per restored entry: paths, kind, size, SHA-256, owner, mode...",
+    )
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every restored file back and compare it with the snapshot's bytes",
+    )
     r.add_argument("--json", action="store_true", help="print the result as one JSON document")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     r.set_defaults(func=cmd_restore)
@@ -146,18 +174,20 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from ..workflows.chain import human
     from ..workflows.restore import RestoreInterrupted, restore
 
     _setup_logging()
     _sigterm_interrupts()
+    snapshot_id, paths, dest = _restore_items(args)
     try:
         result = restore(
-            args.snapshot,
-            args.path,
-            args.dest,
+            snapshot_id,
+            paths,
+            dest,
             partition=args.partition,
             mount_options=mount_options(args, [], ""),
+            manifest=os.path.abspath(args.manifest) if args.manifest else None,
+            verify=args.verify,
         )
     except RestoreInterrupted as error:
         print(f"{PROG}: {error}", file=sys.stderr)
@@ -165,23 +195,92 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict()))
     elif not args.quiet:
-        counts = [
-            f"{n} {what}{'s' if n != 1 else ''}"
-            for n, what in (
-                (result.files, "file"),
-                (result.directories, "directory" if result.directories == 1 else "directorie"),
-                (result.symlinks, "symlink"),
-                (result.other, "special file"),
-            )
-            if n
-        ]
+        _print_restored(result)
+    return _restore_status(result)
+
+
+def _restore_items(args: argparse.Namespace) -> tuple[str, list[str], str]:
+    """(snapshot id, PATHs, DEST) from the positionals, or from --volume and --at."""
+    items = list(args.items)
+    if args.volume is None and args.at is not None:
+        raise UsageError("--at needs --volume")
+    if args.volume is not None:
+        if args.at is None:
+            raise UsageError("--volume needs --at TIME (e.g. --at yesterday)")
+        if len(items) < 2:
+            raise UsageError("restore --volume VOLUME_ID --at TIME needs PATH... DEST")
+        return _snapshot_at(args), items[:-1], items[-1]
+    if len(items) < 3:
+        raise UsageError("restore needs SNAPSHOT_ID PATH... DEST")
+    return items[0], items[1:-1], items[-1]
+
+
+def _snapshot_at(args: argparse.Namespace) -> str:
+    """The volume's newest completed snapshot started at or before --at; says which."""
+    from ..core.catalog import newest_at
+    from ..ebs.ec2 import SnapshotQuery, ec2_client, list_snapshots, validate_volume_id
+
+    validate_volume_id(args.volume)
+    records = list_snapshots(
+        ec2_client(args.region, args.profile), SnapshotQuery(volume_ids=[args.volume])
+    )
+    picked = newest_at(records, args.at.timestamp())
+    when = args.at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if picked is None:
+        raise UsageError(f"{args.volume} has no completed snapshot started at or before {when}")
+    started = picked.start_datetime.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not args.quiet:
         print(
-            f"restored {result.source} -> {result.dest}: {', '.join(counts) or 'nothing'}, "
-            f"{human(result.bytes_restored)} ({result.bytes_restored} bytes); fetched "
-            f"{human(result.bytes_fetched)} ({result.blocks_fetched} blocks) from "
-            f"{result.snapshot_id} in {result.seconds:.1f} s"
+            f"{PROG}: {args.volume} as of {when}: {picked.snapshot_id}, started {started}",
+            file=sys.stderr,
         )
-    return 0
+    return picked.snapshot_id
+
+
+def _print_restored(result: Any) -> None:
+    from ..workflows.chain import human
+
+    if not result.paths:
+        return  # nothing restored: the reason is the error line
+
+    counts = [
+        f"{n} {what}{'s' if n != 1 else ''}"
+        for n, what in (
+            (result.files, "file"),
+            (result.directories, "directory" if result.directories == 1 else "directorie"),
+            (result.symlinks, "symlink"),
+            (result.other, "special file"),
+        )
+        if n
+    ]
+    where = ", ".join(f"{p['source']} -> {p['dest']}" for p in result.paths) or "nothing"
+    print(
+        f"restored {where}: {', '.join(counts) or 'nothing'}, "
+        f"{human(result.bytes_restored)} ({result.bytes_restored} bytes); fetched "
+        f"{human(result.bytes_fetched)} ({result.blocks_fetched} blocks) from "
+        f"{result.snapshot_id} in {result.seconds:.1f} s"
+    )
+    if result.verified is not None and not result.mismatched:
+        print(f"verified: {result.verified} files read back match the snapshot's bytes")
+    if result.manifest:
+        print(f"manifest: {result.manifest}")
+
+
+def _restore_status(result: Any) -> int:
+    """Non-zero, with one line, when a PATH was missing or a file did not read back right;
+    one warning line for attributes the destination would not take."""
+    if result.not_kept:
+        names = ", ".join(result.not_kept)
+        print(f"{PROG}: warning: the destination refused, and so lost: {names}", file=sys.stderr)
+    problems = []
+    if result.missing:
+        problems.append("no such file or directory in the snapshot: " + ", ".join(result.missing))
+    if result.mismatched:
+        problems.append("restored files differ from the snapshot: " + ", ".join(result.mismatched))
+    if not problems:
+        return 0
+    print(f"{PROG}: " + "; ".join(problems), file=sys.stderr)
+    return 1
 
 
 def cmd_hash(args: argparse.Namespace) -> int:

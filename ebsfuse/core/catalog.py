@@ -147,3 +147,12 @@ class Catalog:
 
 def _build(fetch: Fetch) -> CatalogView:
     return CatalogView(fetch())
+
+
+def newest_at(records: Iterable[SnapshotRecord], at: float) -> SnapshotRecord | None:
+    """The newest snapshot started at or before `at` (seconds since the epoch), or None."""
+    best: SnapshotRecord | None = None
+    for record in records:
+        if record.start_time <= at and (best is None or record.start_time > best.start_time):
+            best = record
+    return best

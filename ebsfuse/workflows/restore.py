@@ -1,15 +1,26 @@
-"""`ebsfuse restore`: copy a file or a directory out of a snapshot, fetching only what it reads.
+"""`ebsfuse restore`: copy files and directories out of a snapshot, fetching only what it reads.
 
 Builds the chain of chain.py (private FUSE mount, read-only loop device, filesystem mounted with
-never-write options) in a private directory, copies PATH to DEST, and tears the chain down on
-success, failure and Ctrl-C alike. Only the blocks the filesystem driver reads are fetched: the
-superblock, the directories on the way, the inodes and the file's extents.
+never-write options) in a private directory, copies each PATH to DEST, and tears the chain down
+on success, failure and Ctrl-C alike. Only the blocks the filesystem driver reads are fetched:
+the superblock, the directories on the way, the inodes and the files' extents. Several PATHs
+share one chain.
 
-The copy keeps what `cp -a` keeps: contents (holes stay holes), mode, owner and group (as root),
-access and modification times (nanoseconds), symbolic links as links, hard links within the
-copied tree as links, extended attributes where the destination supports them, FIFOs and device
-nodes (as root). It is written under a temporary name next to DEST and renamed into place only
-when complete, so an interrupted or failed restore leaves nothing at DEST.
+The copy keeps what a system restore needs: contents (holes stay holes), owner and group (as
+root), mode with its set-id bits, extended attributes (user, security, POSIX ACLs, file
+capabilities) where the destination accepts them, access and modification times to the
+nanosecond, symbolic links as links, hard links within the copied tree as links, FIFOs and
+device nodes (as root). Metadata goes on in the order the kernel needs: ownership first (chown
+clears set-id bits and `security.capability`), then the mode, then the extended attributes,
+then the times; a directory's times after its children. An attribute the destination refuses
+is reported once by name. Each PATH is written under a temporary name next to its destination
+and renamed into place only when complete, so an interrupted or failed restore leaves nothing
+half-written under a final name.
+
+`--manifest FILE` writes one JSON line per restored entry (path in the snapshot, path written,
+kind, size, the SHA-256 of the snapshot's bytes as they were copied, mode, owner, mtime in ns,
+extended attribute names), aside and renamed into place at the end; `--verify` reads every
+restored file back and compares its SHA-256 with that of the snapshot's bytes.
 
 PATH is resolved inside the snapshot's filesystem: `..` and absolute symbolic links on the way
 stay inside it, never reaching the host's files. A symbolic link as PATH's last component is
@@ -20,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -27,7 +40,8 @@ import shutil
 import stat
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import BLOCK_SIZE
@@ -48,7 +62,7 @@ COPY_CHUNK = 2 * BLOCK_SIZE
 @dataclass
 class RestoreResult:
     snapshot_id: str
-    source: str
+    source: str  # the first PATH (of `paths`), kept for scripts that restore one
     dest: str
     partition: int
     fstype: str
@@ -61,6 +75,12 @@ class RestoreResult:
     blocks_fetched: int
     seconds: float
     blocks_from_cache: int = 0  # from the disk tier, or lent by a related snapshot
+    paths: list[dict[str, str]] = field(default_factory=list)  # each {"source", "dest"}
+    missing: list[str] = field(default_factory=list)  # PATHs not in the snapshot
+    not_kept: list[str] = field(default_factory=list)  # what DEST refused: ownership, xattrs
+    verified: int | None = None  # files read back and matched (with --verify)
+    mismatched: list[str] = field(default_factory=list)  # files that did not match
+    manifest: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,74 +153,155 @@ def resolve_in_root(root: str, path: str) -> str:
 # -- the copy ---------------------------------------------------------------------------------
 
 
-class _Copier:
-    """Recursive copy keeping metadata; counts what it restored."""
+class EntryLog:
+    """The restored entries as JSON lines, written aside and renamed into place at the end.
 
-    def __init__(self) -> None:
+    Opened before anything is mounted, so a path that cannot be written is refused first. The
+    manifest of `--manifest`; with only `--verify`, a private file the check reads back (the
+    list of a large tree is not held in memory).
+    """
+
+    def __init__(self, path: str, *, keep: bool) -> None:
+        self.path = os.path.abspath(path)
+        self.keep = keep
+        directory, name = os.path.split(self.path)
+        self.temporary = os.path.join(directory, f".{name}.ebsfuse-{secrets.token_hex(4)}")
+        if keep and os.path.isdir(self.path):
+            raise UsageError(f"cannot write the manifest {self.path}: it is a directory")
+        try:
+            self._file = open(self.temporary, "x", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise UsageError(f"cannot write the manifest {self.path}: {exc.strerror}") from None
+
+    def write(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
+
+    def entries(self) -> Any:
+        """The entries written so far (for the check), read back one at a time."""
+        self._file.flush()
+        with open(self.temporary, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+    def close(self, *, complete: bool) -> None:
+        self._file.close()
+        if complete and self.keep:
+            os.rename(self.temporary, self.path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temporary)
+
+
+class _Copier:
+    """Recursive copy keeping metadata; counts what it restored, logs each entry."""
+
+    def __init__(self, log_to: EntryLog | None = None) -> None:
         self.files = self.directories = self.symlinks = self.other = 0
         self.bytes = 0
         self.links: dict[tuple[int, int], str] = {}
         self.is_root = os.geteuid() == 0
         self.warned: set[str] = set()
+        self.not_kept: list[str] = []
+        self.log_to = log_to
+        self.renaming = ("", "")  # (temporary name, final name) of the PATH being copied
 
-    def copy(self, src: str, dst: str) -> None:
+    def copy(self, src: str, dst: str, inside: str) -> None:
+        """Copy `src` (at `inside` in the snapshot) to `dst`, a name that does not exist."""
         st = os.lstat(src)
         mode = st.st_mode
+        entry: dict[str, Any] = {"path": inside, "written": dst}
         if stat.S_ISDIR(mode):
             os.mkdir(dst, 0o700)
             self.directories += 1
+            entry["kind"] = "directory"
             with os.scandir(src) as entries:
                 names = sorted(entry.name for entry in entries)
             for name in names:
-                self.copy(os.path.join(src, name), os.path.join(dst, name))
+                child = os.path.join(inside, name)
+                self.copy(os.path.join(src, name), os.path.join(dst, name), child)
         elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
+            entry.update(kind="symlink", target=os.readlink(src))
+            os.symlink(entry["target"], dst)
             self.symlinks += 1
         else:
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self.links:
                 os.link(self.links[key], dst)  # a hard link within the restored tree
+                self._log(entry | {"kind": "hardlink", "link_to": self.links[key]})
                 return
             if stat.S_ISREG(mode):
-                self.bytes += _copy_data(src, dst)
+                copied, digest = _copy_data(src, dst)
+                self.bytes += copied
                 self.files += 1
+                entry.update(kind="file", size=st.st_size, sha256=digest)
             elif stat.S_ISFIFO(mode):
                 os.mkfifo(dst, 0o600)
                 self.other += 1
+                entry["kind"] = "fifo"
             elif (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and self.is_root:
                 os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
                 self.other += 1
+                entry.update(kind="device", rdev=st.st_rdev)
             else:
                 self._warn(f"skipped {src}: cannot recreate this kind of file", "kind")
                 return
             if st.st_nlink > 1:
                 self.links[key] = dst
-        self._metadata(src, dst, st)
+        entry["xattrs"] = self._metadata(src, dst, st)
+        entry.update(
+            mode=f"{stat.S_IMODE(mode):04o}", uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns
+        )
+        self._log(entry)
 
-    def _metadata(self, src: str, dst: str, st: os.stat_result) -> None:
+    def _log(self, entry: dict[str, Any]) -> None:
+        if self.log_to is not None:
+            for key in ("written", "link_to"):
+                if key in entry:
+                    entry[key] = self.final_name(entry[key])
+            self.log_to.write(entry)
+
+    def final_name(self, path: str) -> str:
+        """Where `path`, written under the PATH's temporary name, will be once renamed."""
+        temporary, final = self.renaming
+        return final + path[len(temporary) :] if path.startswith(temporary) else path
+
+    def _metadata(self, src: str, dst: str, st: os.stat_result) -> list[str]:
+        """Owner, mode, extended attributes, times: in that order, which the kernel needs.
+
+        chown clears the set-id bits and `security.capability`, so it goes first; the mode
+        next; then the attributes (a POSIX ACL agrees with the mode it came with); the times
+        last, since every change before them moves ctime and some move mtime.
+        """
         link = stat.S_ISLNK(st.st_mode)
-        self._xattrs(src, dst)
         try:
             os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-        except PermissionError:
-            self._warn("owners not kept: only root can give files to other users", "chown")
+        except PermissionError:  # not root, or a destination without owners (vfat)
+            if "ownership" not in self.not_kept:
+                self.not_kept.append("ownership")  # reported once, in the summary
         if not link:
-            os.chmod(dst, stat.S_IMODE(st.st_mode))  # after chown, which clears set-id bits
+            os.chmod(dst, stat.S_IMODE(st.st_mode))
+        names = self._xattrs(src, dst)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return names
 
-    def _xattrs(self, src: str, dst: str) -> None:
+    def _xattrs(self, src: str, dst: str) -> list[str]:
+        """Copy the extended attributes; the names kept."""
         try:
             names = os.listxattr(src, follow_symlinks=False)
         except OSError:
-            return
-        for name in names:
+            return []
+        kept = []
+        for name in sorted(names):
             try:
                 value = os.getxattr(src, name, follow_symlinks=False)
                 os.setxattr(dst, name, value, follow_symlinks=False)
+                kept.append(name)
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.EINVAL):
                     raise
-                self._warn(f"extended attribute {name} not kept: {exc.strerror}", name)
+                if name not in self.not_kept:
+                    self.not_kept.append(name)  # reported once, in the summary
+        return kept
 
     def _warn(self, message: str, key: str) -> None:
         if key not in self.warned:
@@ -208,25 +309,67 @@ class _Copier:
             log.warning("%s", message)
 
 
-def _copy_data(src: str, dst: str) -> int:
-    """Copy a regular file's bytes, keeping holes as holes; returns the bytes copied."""
+def _copy_data(src: str, dst: str) -> tuple[int, str]:
+    """Copy a regular file's bytes, keeping holes as holes: (bytes copied, SHA-256 of the
+    content as read, holes as zeros)."""
     copied = 0
+    digest = hashlib.sha256()
     with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
         size = os.fstat(fin.fileno()).st_size
+        at = 0
         for start, end in _data_ranges(fin.fileno(), size):
+            _hash_zeros(digest, start - at)
             offset = start
             while offset < end:
                 chunk = os.pread(fin.fileno(), min(COPY_CHUNK, end - offset), offset)
                 if not chunk:
                     raise EbsfuseError(f"{src}: the file ended early at byte {offset}")
+                digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     written = os.pwrite(fout.fileno(), view, offset)
                     view = view[written:]
                     offset += written
             copied += end - start
+            at = end
+        _hash_zeros(digest, size - at)
         os.ftruncate(fout.fileno(), size)
-    return copied
+    return copied, digest.hexdigest()
+
+
+_ZEROS = bytes(COPY_CHUNK)
+
+
+def _hash_zeros(digest: Any, count: int) -> None:
+    while count > 0:
+        digest.update(_ZEROS[: min(count, COPY_CHUNK)])
+        count -= COPY_CHUNK
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content as it reads now."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_entries(entries: Any) -> tuple[int, list[str]]:
+    """Read every restored file back: (files that matched, paths written that did not)."""
+    matched, mismatched = 0, []
+    for entry in entries:
+        if entry.get("kind") != "file":
+            continue
+        try:
+            same = file_sha256(entry["written"]) == entry["sha256"]
+        except OSError:
+            same = False
+        if same:
+            matched += 1
+        else:
+            mismatched.append(entry["written"])
+    return matched, mismatched
 
 
 def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -252,55 +395,149 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 # -- the command ------------------------------------------------------------------------------
 
 
+def plan_destinations(paths: list[str], dest: str, snapshot_id: str) -> list[tuple[str, str]]:
+    """(directory, name) for each PATH, like cp with several sources: DEST must then be an
+    existing directory, and no two PATHs may end in the same name there."""
+    if len(paths) == 1:
+        return [plan_destination(paths[0], dest, snapshot_id)]
+    dest = os.path.abspath(dest)
+    if not os.path.isdir(dest):
+        raise UsageError(
+            f"cannot restore {len(paths)} paths to {dest}: "
+            "with several, DEST must be an existing directory"
+        )
+    planned: list[tuple[str, str]] = []
+    by_name: dict[str, str] = {}
+    for path in paths:
+        directory, name = plan_destination(path, dest, snapshot_id)
+        if name in by_name:
+            raise UsageError(
+                f"{by_name[name]} and {path} would both be restored as {os.path.join(dest, name)}"
+            )
+        by_name[name] = path
+        planned.append((directory, name))
+    return planned
+
+
 def restore(
     snapshot_id: str,
-    path: str,
+    paths: list[str] | str,
     dest: str,
     *,
     partition: int | None,
     mount_options: MountOptions,
+    manifest: str | None = None,
+    verify: bool = False,
+    before_verify: Callable[[], None] | None = None,
 ) -> RestoreResult:
-    """Restore PATH from the snapshot to DEST; raise `RestoreInterrupted` on Ctrl-C."""
+    """Restore each PATH from the snapshot to DEST; raise `RestoreInterrupted` on Ctrl-C.
+
+    PATHs missing in the snapshot are skipped and named in `missing`; files that did not read
+    back right (`verify`) are named in `mismatched`. `before_verify` runs between the copy and
+    the check (a caller's own step there; the tests alter a restored file with it).
+    """
     started = time.monotonic()
+    paths = [paths] if isinstance(paths, str) else list(paths)
     validate_snapshot_id(snapshot_id)
-    directory, name = plan_destination(path, dest, snapshot_id)
-    final = os.path.join(directory, name)
+    planned = plan_destinations(paths, dest, snapshot_id)
     base = os.path.join(runtime_dir(), f"restore-{os.getpid()}-{secrets.token_hex(4)}")
+    # The manifest is opened first: a path that cannot be written is refused before any mount.
+    entry_log = EntryLog(manifest, keep=True) if manifest else None
     os.makedirs(base, mode=0o700)
+    if entry_log is None and verify:  # the check's own list, beside the chain's directory
+        entry_log = EntryLog(
+            os.path.join(runtime_dir(), f"{os.path.basename(base)}.entries"), keep=False
+        )
     chain = Chain(snapshot_id, base, os.path.join(base, "fs"), owns_target=True)
-    temporary = os.path.join(directory, f".{name}.ebsfuse-restore-{secrets.token_hex(4)}")
+    copier = _Copier(entry_log)
+    restored: list[dict[str, str]] = []
+    missing: list[str] = []
+    complete = False
     try:
         chain.start_daemon(mount_options)
         selected = chain.select(partition)
         chain.attach(selected)
         chain.mount_filesystem()
-        source = resolve_in_root(chain.target, path)
-        copier = _Copier()
-        copier.copy(source, temporary)
-        os.rename(temporary, final)
-        st = os.lstat(source)
-        # Renaming touched nothing but ctime; set the times again anyway (cheap, certain).
-        os.utime(final, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        for path, (directory, name) in zip(paths, planned, strict=True):
+            final = os.path.join(directory, name)
+            if _restore_one(chain.target, path, final, copier):
+                restored.append({"source": _inside(path), "dest": final})
+            else:
+                missing.append(path)
         counters = chain.stats()
+        complete = True
     except KeyboardInterrupt:
-        _remove(temporary)
-        raise RestoreInterrupted(f"interrupted; nothing was restored to {final}") from None
+        raise RestoreInterrupted(_interrupted(restored, planned)) from None
     except OSError as exc:
-        _remove(temporary)
-        where = exc.filename or final
+        where = exc.filename or dest
         if chain.target and isinstance(where, str) and where.startswith(chain.target):
             where = where[len(chain.target) :] or "/"
         raise EbsfuseError(f"restore failed: {where}: {exc.strerror or exc}") from None
+    finally:
+        chain.teardown()
+        if entry_log is not None and not (complete and verify):
+            entry_log.close(complete=complete)
+    result = _result(snapshot_id, selected, copier, counters, restored, missing, started)
+    if entry_log is not None and verify:
+        try:
+            if before_verify is not None:
+                before_verify()
+            result.verified, result.mismatched = verify_entries(entry_log.entries())
+        finally:
+            entry_log.close(complete=True)
+    result.manifest = entry_log.path if entry_log is not None and manifest else None
+    return result
+
+
+def _inside(path: str) -> str:
+    return "/" + "/".join(p for p in path.split("/") if p)
+
+
+def _restore_one(root: str, path: str, final: str, copier: _Copier) -> bool:
+    """Copy PATH to `final` through a temporary name; False if the snapshot has no PATH."""
+    try:
+        source = resolve_in_root(root, path)
+    except UsageError:
+        return False  # named in the result's `missing`, and by the command
+    temporary = os.path.join(
+        os.path.dirname(final), f".{os.path.basename(final)}.ebsfuse-restore-{secrets.token_hex(4)}"
+    )
+    copier.renaming = (temporary, final)
+    try:
+        copier.copy(source, temporary, _inside(path))
+        os.rename(temporary, final)
     except BaseException:
         _remove(temporary)
         raise
-    finally:
-        chain.teardown()
+    st = os.lstat(source)
+    # Renaming touched nothing but ctime; set the times again anyway (cheap, certain).
+    os.utime(final, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    return True
+
+
+def _interrupted(restored: list[dict[str, str]], planned: list[tuple[str, str]]) -> str:
+    if not restored:
+        finals = ", ".join(os.path.join(d, n) for d, n in planned)
+        return f"interrupted; nothing was restored to {finals}"
+    done = ", ".join(r["dest"] for r in restored)
+    return f"interrupted; restored only {done} (nothing half-written left)"
+
+
+def _result(
+    snapshot_id: str,
+    selected: Any,
+    copier: _Copier,
+    counters: dict[str, Any],
+    restored: list[dict[str, str]],
+    missing: list[str],
+    started: float,
+) -> RestoreResult:
     fetched = int(counters.get("bytes_fetched", 0))
+    first = restored[0] if restored else {"source": "", "dest": ""}
     return RestoreResult(
         snapshot_id=snapshot_id,
-        source="/" + "/".join(p for p in path.split("/") if p),
-        dest=final,
+        source=first["source"],
+        dest=first["dest"],
         partition=selected.partition,
         fstype=selected.fstype,
         files=copier.files,
@@ -312,6 +549,9 @@ def restore(
         blocks_fetched=fetched // BLOCK_SIZE,
         seconds=time.monotonic() - started,
         blocks_from_cache=int(counters.get("saved", {}).get("requests", 0)),
+        paths=restored,
+        missing=missing,
+        not_kept=list(copier.not_kept),
     )
 
 
