@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,54 @@ _NO_SPACE = re.compile(r"^\S+$")
 MIN_RESULTS, MAX_RESULTS = 100, 10000  # MaxResults range of both list operations
 MAX_TAGS = 50
 JSON_TYPE = "application/json"
+
+
+# A gate holds a block's answer at most this long: a test that forgets to release one fails
+# on its own timeout, never with a server thread stuck for good.
+GATE_MAX_HOLD_S = 60.0
+
+
+class Gate:
+    """Holds GetSnapshotBlock answers for one block until released; counts who arrived."""
+
+    def __init__(self) -> None:
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self.arrived = 0
+
+    def pass_through(self) -> None:
+        with self._lock:
+            self.arrived += 1
+        self._released.wait(GATE_MAX_HOLD_S)
+
+    def release(self) -> None:
+        self._released.set()
+
+
+class Gates:
+    """The emulator's gates by (snapshot id, block index): a test's way to know a request is
+    under way, and to decide when it ends, instead of guessing with sleeps."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gates: dict[tuple[str, int], Gate] = {}
+
+    def close(self, snapshot_id: str, index: int) -> Gate:
+        with self._lock:
+            gate = self._gates[(snapshot_id, index)] = Gate()
+        return gate
+
+    def release_all(self) -> None:
+        with self._lock:
+            gates, self._gates = list(self._gates.values()), {}
+        for gate in gates:
+            gate.release()
+
+    def wait(self, snapshot_id: str, index: int) -> None:
+        with self._lock:
+            gate = self._gates.get((snapshot_id, index))
+        if gate is not None:
+            gate.pass_through()
 
 
 @dataclass
@@ -92,6 +141,7 @@ class Api:
         self.clock = clock
         self.throttle = throttle
         self.counters = counters
+        self.gates = Gates()
         self.handlers: dict[str, Callable[..., Response]] = {
             "StartSnapshot": self.start_snapshot,
             "PutSnapshotBlock": self.put_snapshot_block,
@@ -270,8 +320,11 @@ class Api:
         if algorithm not in (None, "SHA256"):
             raise validation(f"x-amz-Checksum-Algorithm must be SHA256, not {algorithm!r}.")
         aggregation = headers.get("x-amz-Checksum-Aggregation-Method")
+        first = snap.state != "completed"
         self.store.complete(snap, count, checksum, aggregation)
-        return json_response(202, {"Status": "completed"})
+        if first and self.faults.complete_after_s > 0:
+            snap.completes_at = self.clock.now() + self.faults.complete_after_s
+        return json_response(202, {"Status": snap.status(self.clock.now())})
 
     # GetSnapshotBlock -----------------------------------------------------------------------
 
@@ -291,6 +344,7 @@ class Api:
                 "has expired.",
                 "INVALID_BLOCK_TOKEN",
             )
+        self.gates.wait(snap.snapshot_id, index)
         block = snap.resolve(index)
         if block is None:  # only a token issued by a listing passes the MAC, so: a bug
             raise ApiError("InternalServerException", f"block {index} vanished")

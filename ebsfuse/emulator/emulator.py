@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from .api import Api, Response, json_response
+from .api import Api, Gate, Response, json_response
 from .blocks import BLOCK_SIZE
 from .clock import Clock
 from .faults import (
@@ -124,6 +124,12 @@ class Emulator:
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
+    def gate(self, snapshot_id: str, index: int) -> Gate:
+        """Hold every GetSnapshotBlock answer of one block until `release()` (at most
+        GATE_MAX_HOLD_S); `arrived` counts the requests held. For tests that must know a
+        request is under way, instead of guessing with latency and sleeps."""
+        return self.api.gates.close(snapshot_id, index)
+
     def stop(self) -> None:
         """Stop serving, cut live connections, join threads; safe to call twice."""
         with self._lock:
@@ -131,6 +137,7 @@ class Emulator:
             self._server = self._thread = None
         if server is None:
             return
+        self.api.gates.release_all()  # no server thread left waiting on a gate
         server.shutdown()
         server.server_close()
         server.close_connections()

@@ -67,6 +67,9 @@ class Faults:
     denied_access_keys: str = ""
     # Share of EC2 DescribeSnapshots calls answered RequestLimitExceeded (503), as EC2 throttles.
     ec2_throttle_rate: float = 0.0
+    # Seconds (emulator clock) a snapshot stays "pending" after CompleteSnapshot, as AWS's do
+    # while it finishes them; advance_clock() ends the wait without sleeping.
+    complete_after_s: float = 0.0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

@@ -22,6 +22,7 @@ class Counters:
             self._errors: Counter[str] = Counter()
             self._bytes_served = 0
             self._bytes_received = 0
+            self._held_ms = 0.0
 
     def request(self, operation: str) -> None:
         """An API request arrived (counted whatever its outcome)."""
@@ -37,6 +38,11 @@ class Counters:
         """A fault was injected: an error code, or "truncated" for a cut body."""
         with self._lock:
             self._injected[kind] += 1
+
+    def held(self, seconds: float) -> None:
+        """A response was held back this long (latency and jitter)."""
+        with self._lock:
+            self._held_ms += seconds * 1000
 
     def served(self, n: int) -> None:
         """Block bytes sent in GetSnapshotBlock bodies."""
@@ -60,4 +66,5 @@ class Counters:
                 "errors": dict(self._errors),
                 "bytes_served": self._bytes_served,
                 "bytes_received": self._bytes_received,
+                "held_ms": round(self._held_ms, 3),
             }

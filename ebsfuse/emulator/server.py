@@ -224,6 +224,7 @@ class Handler(BaseHTTPRequestHandler):
             app.counters_obj.error(dict(resp.headers).get("x-amzn-ErrorType", "unknown"))
         delay = faults.delay(rng)
         if delay > 0:
+            app.counters_obj.held(delay)
             time.sleep(delay)
         listing = resp.status == 200 and operation in LIST_OPERATIONS
         if listing and faults.take(faults.list_fault_rate, rng):

@@ -55,6 +55,9 @@ class Snapshot:
     timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES
     last_activity: float = 0.0
     state: str = "pending"  # as stored; a pending snapshot past its timeout reads as "error"
+    # A completed snapshot reads "pending" until this (emulator clock): AWS completes it
+    # asynchronously, minutes after CompleteSnapshot for a large one.
+    completes_at: float = 0.0
     synthetic: str | None = None  # canonical SPEC of a synthetic snapshot
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,6 +70,8 @@ class Snapshot:
         """The status as a client sees it at `now` (timeouts are evaluated lazily here)."""
         if self.state == "pending" and now > self.last_activity + self.timeout_minutes * 60:
             return "error"
+        if self.state == "completed" and now < self.completes_at:
+            return "pending"
         return self.state
 
     def lineage(self) -> list[Snapshot]:
@@ -298,7 +303,7 @@ class Store:
         layer = snap.layer
         with snap.lock:
             status = snap.status(now)
-            if status == "completed":
+            if snap.state == "completed":
                 return  # completing twice is harmless, as a retried request must be
             if status != "pending":
                 raise validation(
