@@ -303,3 +303,14 @@ def _leave_nothing_behind() -> Iterator[None]:
     leftovers = mounts_under(RUN_ROOT) + loops_backed_by(RUN_ROOT)
     shutil.rmtree(RUN_ROOT, ignore_errors=True)
     assert not leftovers, f"tests left these behind: {leftovers}"
+
+
+# Layers whose tests mount for real (FUSE, loop devices, filesystems): marked `mount`, so that
+# `-m "not mount"` runs the emulator, the read path and the tools alone, quickly.
+MOUNT_LAYERS = ("test_4", "test_6")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(tuple(f"tests/{layer}" for layer in MOUNT_LAYERS)):
+            item.add_marker(pytest.mark.mount)

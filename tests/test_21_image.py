@@ -11,6 +11,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.core import blockmap as blockmap_module
@@ -102,7 +103,7 @@ def test_concurrent_reads_of_one_block_share_one_request(
 ) -> None:
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     image = open_image(emu, sid)
-    emu.set_faults(latency_ms=50)
+    gate = emu.gate(sid, 7)  # the leader's request is held until every reader is waiting
     results: list[bytes] = []
 
     async def read_one() -> None:
@@ -112,8 +113,13 @@ def test_concurrent_reads_of_one_block_share_one_request(
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(read_one)
+            while not gate.arrived:  # the request is at the service...
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # ...and all 20 readers wait on it
+            gate.release()
 
     trio.run(main)
+    assert gate.arrived == 1
     assert gets(emu) == 1
     assert results == [blocks[7][4096:8192]] * 20
     assert image.reader.stats.shared_flights == 19
@@ -146,12 +152,12 @@ def test_expired_token_is_refused_then_relisted_once(
 ) -> None:
     # Make the map keep tokens past their expiry, so the service's refusal path is taken.
     monkeypatch.setattr(blockmap_module, "REFRESH_FRACTION", 1000.0)
-    emu.set_faults(token_ttl=1)
+    emu.set_faults(token_ttl=60)
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     image = open_image(emu, sid)
 
     async def main() -> None:
-        await trio.sleep(1.5)
+        emu.advance_clock(61)  # the service's clock: the listed tokens are now expired
         assert await image.read(2 * BLOCK_SIZE, 64) == blocks[2][:64]
 
     trio.run(main)
@@ -163,17 +169,23 @@ def test_expired_token_is_refused_then_relisted_once(
 def test_tokens_are_refreshed_before_they_expire(
     emu: Emulator, env: dict[str, str], blocks: dict[int, bytes]
 ) -> None:
-    emu.set_faults(token_ttl=2)
+    emu.set_faults(token_ttl=100)
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     image = open_image(emu, sid, cache_bytes=BLOCK_SIZE)
+    # Time passes on two clocks moved together, with no sleeping: the service's (token expiry)
+    # and the block map's (when to refresh), which reads the wall clock off the service's.
+    monotonic = [time.monotonic()]
+    image.blockmap._clock = lambda: monotonic[0]
+    image.blockmap._wall_clock = emu.clock.now
 
     async def main() -> None:
         for index in (0, 1, 2, 7, 2047, 0):
-            await trio.sleep(0.9)
+            emu.advance_clock(45)
+            monotonic[0] += 45
             assert await image.read(index * BLOCK_SIZE, 8) == blocks[index][:8]
 
     trio.run(main)
-    # Over ~5.4 s with a 2 s lifetime the map re-listed ahead of expiry, never hitting a refusal.
+    # Over 270 s with a 100 s lifetime the map re-listed ahead of expiry, never hitting a refusal.
     assert lists(emu) >= 3
     assert image.reader.stats.token_refusals == 0
     assert image.blockmap.refreshes >= 2

@@ -186,9 +186,11 @@ def test_a_failing_prefetch_never_ends_the_context(emu: Emulator, env: dict[str,
     image = open_image(emu, sid, cache_bytes=64 * 2**20)
     real_get = image.reader.ctx.client.get_block
     broken = {3}
+    failed: list[int] = []
 
     def get_block(snapshot_id: str, index: int, token: str, **kwargs: float | None) -> bytes:
         if index in broken:
+            failed.append(index)
             raise OSError(28, "No space left on device")  # e.g. the audit log's disk is full
         return real_get(snapshot_id, index, token, **kwargs)
 
@@ -199,7 +201,10 @@ def test_a_failing_prefetch_never_ends_the_context(emu: Emulator, env: dict[str,
         async with image.reader.ctx.running():
             for offset in range(0, 3 * BLOCK_SIZE, KERNEL_READ):  # prefetches block 3
                 await image.read(offset, KERNEL_READ, window)
-            await trio.sleep(0.2)
+            key = (sid, 3)
+            while not failed or key in image.reader.ctx.inflight:  # the prefetch ran, and ended
+                await trio.sleep(0.01)
+            assert failed == [3]  # it failed, once, and the context lives on
             broken.clear()
             assert (
                 await image.read(3 * BLOCK_SIZE, 10) == data[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 10]

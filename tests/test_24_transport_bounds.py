@@ -20,8 +20,9 @@ from ebsfuse.ebs.errors import EbsError
 from ebsfuse.ebs.fastget import FastBlockGetter
 
 SID = "snap-0123456789abcdef0"
-# Generous: the property is "fails within its deadline, never hangs", not a latency figure.
-SLACK_S = 10.0
+# "Fails within its deadline, never hangs" is each test's timeout to enforce, not a clock's:
+# the deadlines under test are seconds, the socket timeouts they must beat are 300 s.
+pytestmark = pytest.mark.timeout(60)
 
 Behaviour = Callable[[socket.socket], None]
 
@@ -106,11 +107,10 @@ def getter(server: MisbehavingServer) -> FastBlockGetter:
     )
 
 
-def failure(fn: Callable[[], object]) -> tuple[EbsError, float]:
-    started = time.monotonic()
+def failure(fn: Callable[[], object]) -> EbsError:
     with pytest.raises(EbsError) as info:
         fn()
-    return info.value, time.monotonic() - started
+    return info.value
 
 
 HEAD_512K = (
@@ -132,11 +132,10 @@ def test_a_trickle_ends_at_the_total_deadline(
             server.trickle(sock, bytes(524288))
 
     server = serve(behave)
-    error, took = failure(lambda: getter(server).get_block(SID, 0, "AAAA", timeout=1.5))
+    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA", timeout=1.5))
     assert (error.code, error.retryable) == ("ReadTimeoutError", True)
     assert "no whole answer in 1.5 s" in error.message
     assert server.sent > 2  # bytes kept arriving: a per-read timeout would never have fired
-    assert took < 1.5 + SLACK_S
 
 
 @pytest.mark.usefixtures("aws")
@@ -154,7 +153,7 @@ def test_an_oversized_block_answer_is_refused_unread(
             server.send(sock, bytes(65536))
 
     server = serve(behave)
-    error, _ = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
+    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
     assert (error.code, error.retryable) == ("OversizedBody", True)
     assert "67108864" in error.message
     time.sleep(0.5)  # let the server notice the hang-up
@@ -180,7 +179,7 @@ def test_a_listing_answer_that_is_not_the_services_teaches_nothing(
     server = serve(lambda sock: server.send(sock, answer))
     client = EbsClient(ClientSettings(endpoint_url=server.endpoint, region="us-east-1"))
     try:
-        error, _ = failure(lambda: client.list_blocks(SID, start_index=5, timeout=5))
+        error = failure(lambda: client.list_blocks(SID, start_index=5, timeout=5))
     finally:
         client.close()
     assert (error.code, error.retryable) == (code, True)
@@ -200,11 +199,10 @@ def test_boto3_calls_have_the_total_deadline_too(
         ClientSettings(endpoint_url=server.endpoint, region="us-east-1", read_timeout_s=300)
     )
     try:
-        error, took = failure(lambda: client.put_block(SID, 3, bytes(524288), "AAAA"))
+        error = failure(lambda: client.put_block(SID, 3, bytes(524288), "AAAA"))
         assert (error.code, error.retryable) == ("ReadTimeoutError", True)
         assert (error.snapshot_id, error.block_index) == (SID, 3)
-        assert took < 5.0 + SLACK_S
-        error, _ = failure(lambda: client.get_block_boto3(SID, 4, "AAAA"))
+        error = failure(lambda: client.get_block_boto3(SID, 4, "AAAA"))
         assert (error.code, error.block_index) == ("ReadTimeoutError", 4)
     finally:
         client.close()
@@ -226,7 +224,7 @@ def test_a_chunk_larger_than_a_block_is_refused_unread(
             server.send(sock, bytes(1 << 20))
 
     server = serve(behave)
-    error, _ = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
+    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
     assert (error.code, error.retryable) == ("OversizedBody", True)
     time.sleep(0.5)
     assert server.sent < 64 * 1024 * 1024
@@ -244,7 +242,6 @@ def test_a_tls_handshake_that_never_comes_ends_at_the_deadline(
         region="us-east-1",
         read_timeout_s=300,
     )
-    error, took = failure(lambda: FastBlockGetter(settings).get_block(SID, 0, "AAAA", timeout=1.5))
+    error = failure(lambda: FastBlockGetter(settings).get_block(SID, 0, "AAAA", timeout=1.5))
     assert (error.code, error.retryable) == ("ReadTimeoutError", True)
     assert "no whole answer in 1.5 s" in error.message  # the deadline's, not the socket's
-    assert took < 1.5 + SLACK_S

@@ -401,10 +401,8 @@ def refused(env: dict[str, str], workdir: Path, *args: str) -> str:
     """Run a mount that must fail: its one stderr line; nothing may be left mounted."""
     mountpoint = workdir / "mnt"
     mountpoint.mkdir(exist_ok=True)
-    started = time.monotonic()
-    done = run_ebsfuse("mount", *args, str(mountpoint), env=env)
+    done = run_ebsfuse("mount", *args, str(mountpoint), env=env)  # a hang: the test's timeout
     assert done.returncode != 0, done
-    assert time.monotonic() - started < 150  # never a hang (the readiness wait's bound)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert not os.path.ismount(mountpoint) and not daemon_pids(mountpoint)

@@ -26,7 +26,7 @@ from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.ebs.client import ClientSettings, EbsClient, RetryPolicy
 from ebsfuse.ebs.errors import EbsError
 from ebsfuse.emulator import Emulator
-from ebsfuse.tools.download import DownloadOptions, download_snapshot
+from ebsfuse.tools.download import CHECKPOINT_INTERVAL_S, DownloadOptions, download_snapshot
 from ebsfuse.tools.upload import UploadOptions, upload_image
 
 from .conftest import ebsfuse_cmd, wait_for
@@ -84,21 +84,25 @@ def test_resume_after_sigkill_fetches_only_what_is_missing(
     sid, image, indexes = slow_snapshot
     out = workdir / "out.img"
     state = workdir / "out.img.partial.state"
-    emu.set_faults(latency_ms=150)  # 2 workers: ~13 blocks a second, 3 s for all
+    # Two held blocks: the 21st until a checkpoint is due, the 31st so the download cannot
+    # finish. A checkpoint is written as blocks arrive once CHECKPOINT_INTERVAL_S has passed.
+    first, last = emu.gate(sid, 60), emu.gate(sid, 90)
     args = ["download", sid, str(out), "--workers", "2", "-q"]
     with started(args, env) as proc:
-        # The first checkpoint (after 2 s) records some blocks: kill right after it.
+        wait_for(lambda: first.arrived, what="the first held block's request")
+        time.sleep(CHECKPOINT_INTERVAL_S)  # time passing, not a guess: a checkpoint is due
+        first.release()
         wait_for(
             lambda: state.exists() and json.loads(state.read_text())["done_below"] > 0,
             what="a checkpoint",
         )
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+    last.release()
     assert not out.exists()  # nothing named DEST until the download is complete
     done = done_count(state, indexes)
     assert 0 < done < len(indexes)
 
-    emu.set_faults(latency_ms=0)
     emu.reset_counters()
     refused = run_ebsfuse("download", sid, str(out), env=env)
     assert_one_line_failure(refused, "--resume")
@@ -117,12 +121,13 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_download(
     sid, image, indexes = slow_snapshot
     out = workdir / "out.img"
     state = workdir / "out.img.partial.state"
-    emu.set_faults(latency_ms=100)
+    gate = emu.gate(sid, 90)  # held: the download is under way when Ctrl-C comes
     args = ["download", sid, str(out), "--workers", "2"]
     with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        wait_for(lambda: emu.counters()["requests"].get("GetSnapshotBlock", 0) >= 6, what="gets")
+        wait_for(lambda: gate.arrived, what="the held block's request")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
+    gate.release()
     assert proc.returncode == 130
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "--resume" in lines[0], stderr
@@ -130,7 +135,6 @@ def test_ctrl_c_exits_130_and_leaves_a_resumable_download(
     done = done_count(state, indexes)
     assert done >= 1  # the final checkpoint records what finished before the interrupt
 
-    emu.set_faults(latency_ms=0)
     emu.reset_counters()
     result = download(env, sid, out, "--resume")
     assert gets(emu) == len(indexes) - done == result["blocks_fetched"]
@@ -148,14 +152,15 @@ def test_sigterm_ends_a_tool_like_ctrl_c(
     """SIGTERM cancels the pipeline's work: exit 130, one line, and a download stays resumable."""
     sid, _, indexes = slow_snapshot
     out = workdir / "out.img"
-    emu.set_faults(latency_ms=100)  # 2 workers: 40 blocks take 2 s
+    gate = emu.gate(sid, 0)  # held: the job is under way when SIGTERM comes, and stalled
     args = [sid, str(out)] if command == "download" else [sid]
     with started(
         [command, *args, "--workers", "2"], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as proc:
-        wait_for(lambda: gets(emu) >= 3, what="gets")
+        wait_for(lambda: gate.arrived, what="the held block's request")
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=30)
+    gate.release()
     assert proc.returncode == 130, stderr
     assert stdout == ""  # no digest, no report: the job did not finish
     assert gets(emu) < len(indexes)  # it stopped fetching
@@ -176,20 +181,44 @@ def test_interrupted_incremental_download_resumes(
     download(env, parent, out)
     expected = write_image(workdir / "expected.img", {**parent_blocks, **changed}, 60)
     emu.reset_counters()
-    emu.set_faults(latency_ms=100)
+    gate = emu.gate(child, 41)  # a changed block past the middle, held
     args = ["download", child, str(out), "--base", parent, "--workers", "2"]
     with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        wait_for(lambda: emu.counters()["requests"].get("GetSnapshotBlock", 0) >= 4, what="gets")
+        wait_for(lambda: gate.arrived, what="the held block's request")
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+    gate.release()
     assert proc.returncode == 130
     # While being changed, the image is not at DEST: it passes for neither snapshot.
     assert not out.exists() and (workdir / "vol.img.partial").exists()
-    emu.set_faults(latency_ms=0)
     emu.reset_counters()
     result = download(env, child, out, "--base", parent, "--resume")
     assert result["blocks_fetched"] < len(changed) and gets(emu) == result["blocks_fetched"]
     assert_volume_holds(out, expected)
+
+
+def test_upload_wait_ends_when_the_service_completes_the_snapshot_and_can_time_out(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    image = write_image(workdir / "disk.img", {1: rand()}, 4)
+    emu.set_faults(complete_after_s=600)  # pending for 10 minutes of the emulator's clock
+    gave_up = run_ebsfuse("upload", str(image), "--wait", "--wait-timeout", "1", env=env)
+    assert_one_line_failure(gave_up, "still pending after 1 s")
+    emu.reset_counters()
+    args = ["upload", str(image), "--wait", "--json"]
+    with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        # It polls the pending snapshot (ListSnapshotBlocks refused: pending)...
+        wait_for(
+            lambda: emu.counters()["errors"].get("ValidationException", 0) >= 2,
+            what="two polls of the pending snapshot",
+        )
+        assert proc.poll() is None  # ...and waits; it cannot finish before the service does
+        emu.advance_clock(601)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout)
+    assert result["status"] == "completed"
+    assert emu.store.get(str(result["snapshot_id"])).status(emu.clock.now()) == "completed"
 
 
 def test_resume_state_must_match(
@@ -198,13 +227,13 @@ def test_resume_state_must_match(
     sid, _, _ = slow_snapshot
     other = emu.create_snapshot(blocks={0: rand()})
     out = workdir / "out.img"
-    emu.set_faults(latency_ms=100)
+    gate = emu.gate(sid, 90)  # held: the download cannot finish before the interrupt
     args = ["download", sid, str(out), "--workers", "1"]
     with started(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         wait_for(lambda: (workdir / "out.img.partial.state").exists(), what="the sidecar")
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
-    emu.set_faults(latency_ms=0)
+    gate.release()
     mismatch = run_ebsfuse("download", other, str(out), "--resume", env=env)
     assert_one_line_failure(mismatch, sid, "not this one")
     # --force starts over.

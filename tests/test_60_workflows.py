@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -773,7 +772,6 @@ def test_bad_input_one_line_each_and_nothing_left(
     readonly = workdir / "readonly"
     readonly.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(readonly)], check=True)
-    started = time.monotonic()
     cases = [
         (("restore", sid, "/no/such/file", str(dest), "--partition", "1"),
          ("/no/such/file", "no such file")),
@@ -828,5 +826,4 @@ def test_bad_input_one_line_each_and_nothing_left(
         holder.kill()
         holder.wait()
     assert_nothing_left(workdir)
-    assert time.monotonic() - started < 120
     no_writes(emu)
