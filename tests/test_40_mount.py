@@ -7,6 +7,7 @@ what went over the wire.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,9 +17,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -75,7 +78,7 @@ def test_upload_mount_loop_mount_and_read_files(
                 assert (fs / name).read_bytes() == data, name
         with pytest.raises(OSError) as caught:
             os.open(img, os.O_RDWR)
-        assert caught.value.errno in (errno.EROFS, errno.EACCES)
+        assert caught.value.errno == errno.EROFS  # as the README says, for root and others
         with pytest.raises(FileNotFoundError):
             os.stat(mount.mountpoint / "snap-0000000000000000f.img")
         vfs = os.statvfs(mount.mountpoint)
@@ -110,6 +113,49 @@ def test_whole_image_sha256_matches_the_source(
         assert stats["latency_ms"]["p50"] is not None
         human = run_ebsfuse("stats", str(mount.mountpoint), env=env, check=True).stdout
         assert sid in human and "GetSnapshotBlock 6" in human
+
+
+def read_as_nobody(path: Path, size: int) -> subprocess.CompletedProcess[bytes]:
+    """`size` bytes of `path` read by another user (nobody), as a process of theirs would."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "dd", f"if={path}", f"bs={size}", "count=1", "status=none"],
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def traversable(path: Path) -> Iterator[None]:
+    """Let other users through `path` and its parents up to /tmp (test dirs are 0700)."""
+    changed = []
+    for directory in [path, *path.parents]:
+        if directory == Path(tempfile.gettempdir()) or directory == Path("/"):
+            break
+        changed.append((directory, directory.stat().st_mode & 0o7777))
+        directory.chmod(changed[-1][1] | 0o711)
+    try:
+        yield
+    finally:
+        for directory, mode in changed:
+            directory.chmod(mode)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_other_users_read_only_with_allow_other(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    blocks = {0: os.urandom(BLOCK_SIZE)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with traversable(workdir):
+        with MountedSnapshots(workdir / "open", [sid], env, "--allow-other") as mount:
+            done = read_as_nobody(mount.image(), 4096)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == blocks[0][:4096]
+        with MountedSnapshots(workdir / "private", [sid], env) as mount:
+            done = read_as_nobody(mount.image(), 4096)
+            assert done.returncode != 0 and b"Permission denied" in done.stderr, done
+            assert done.stdout == b""
 
 
 def test_two_snapshots_in_one_mount(emu: Emulator, env: dict[str, str], workdir: Path) -> None:
@@ -335,12 +381,15 @@ def test_mount_t_fuse_ebsfuse_and_fstab_convention(
 ) -> None:
     blocks = {0: os.urandom(BLOCK_SIZE)}
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    other_block = os.urandom(BLOCK_SIZE)
+    other = emu.create_snapshot(blocks={3: other_block}, volume_size_gib=2)
     mnt = workdir / "mnt"
     mnt.mkdir()
     options = f"endpoint_url={env['AWS_ENDPOINT_URL_EBS']},region=us-east-1,cache_size=64M,_netdev"
     try:
+        # Several snapshots in fstab's one SOURCE field, joined with ':' as the README says.
         done = subprocess.run(
-            ["mount", "-t", "fuse.ebsfuse", sid, str(mnt), "-o", options],
+            ["mount", "-t", "fuse.ebsfuse", f"{sid}:{other}", str(mnt), "-o", options],
             env=env,
             capture_output=True,
             text=True,
@@ -348,8 +397,12 @@ def test_mount_t_fuse_ebsfuse_and_fstab_convention(
         )
         assert done.returncode == 0, done.stderr
         assert os.path.ismount(mnt)
+        assert sorted(os.listdir(mnt)) == sorted([f"{sid}.img", f"{other}.img"])
         with open(mnt / f"{sid}.img", "rb") as f:
             assert f.read(BLOCK_SIZE) == blocks[0]
+        with open(mnt / f"{other}.img", "rb") as f:
+            f.seek(3 * BLOCK_SIZE)
+            assert f.read(BLOCK_SIZE) == other_block
         assert run_ebsfuse("unmount", str(mnt), env=env).returncode == 0
         wait_for(lambda: not daemon_pids(mnt), what="the daemon to exit")
     finally:
@@ -442,3 +495,37 @@ def test_stats_show_the_shared_request_rate(
         assert rate["rps"] is not None and rate["rps"] <= 200
         human = run_ebsfuse("stats", str(mount.mountpoint), env=env, check=True).stdout
         assert "requests/s, at most 200" in human and "throttling answers" in human
+
+
+def test_stats_count_what_happened_under_faults(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    """The counters `ebsfuse stats` promises, each against what the emulator saw."""
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(8)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+
+        def stats() -> dict[str, Any]:
+            done = run_ebsfuse("stats", "--json", str(mount.mountpoint), env=env)
+            assert done.returncode == 0, done.stderr
+            return dict(json.loads(done.stdout))
+
+        emu.set_faults(fail_rate=1.0, max_faults=2)  # two InternalServerException, then fine
+        with open(mount.image(), "rb") as f:
+            assert f.read(4 * BLOCK_SIZE) == b"".join(blocks[i] for i in range(4))
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(0)
+            assert f.read(4096) == blocks[0][:4096]  # from the daemon's cache this time
+            wait_for(lambda: stats()["requests_in_flight"] == 0, what="readahead to settle")
+            during = stats()["snapshots"][sid]
+        after = stats()["snapshots"][sid]
+    served = emu.counters()["requests"]
+    assert during["readahead_windows"] and not after["readahead_windows"]  # per open file
+    assert after["retries"] == {"InternalServerException": 2}
+    assert after["requests"]["GetSnapshotBlock"] == served["GetSnapshotBlock"]
+    assert after["requests"]["ListSnapshotBlocks"] == served["ListSnapshotBlocks"]
+    assert after["cache"]["hits"] >= 1
+    assert after["cache"]["misses"] == served["GetSnapshotBlock"] - 2  # blocks, not attempts
+    assert after["prefetch"]["blocks"] >= 1
+    assert after["token_ranges"] >= 1 and after["tokens_held"] == len(blocks)
+    assert after["bytes_fetched"] == after["cache"]["misses"] * BLOCK_SIZE

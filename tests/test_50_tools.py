@@ -444,6 +444,7 @@ def test_info_follows_pages_and_empty_pages(emu: Emulator, env: dict[str, str]) 
 # -- bad input ------------------------------------------------------------------------------
 
 
+@needs_root  # a read-only tmpfs
 def test_download_refuses_to_overwrite_and_reports_bad_destinations(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:
@@ -466,13 +467,16 @@ def test_download_refuses_to_overwrite_and_reports_bad_destinations(
     assert_one_line_failure(
         run_ebsfuse("download", "snap-XYZ", str(workdir / "x.img"), env=env), "snapshot id"
     )
+    # A directory even root cannot write in: a read-only filesystem.
     readonly = workdir / "ro"
     readonly.mkdir()
-    readonly.chmod(0o555)
-    if os.geteuid() != 0:  # root writes anywhere
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(readonly)], check=True)
+    try:
         assert_one_line_failure(
             run_ebsfuse("download", sid, str(readonly / "x.img"), env=env), "not writable"
         )
+    finally:
+        subprocess.run(["umount", str(readonly)], capture_output=True)
 
 
 def test_upload_bad_input(emu: Emulator, env: dict[str, str], workdir: Path) -> None:

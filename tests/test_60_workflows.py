@@ -588,6 +588,49 @@ def test_restore_as_of_a_time_picks_the_newest_snapshot_started_before_it(
 # -- hash and evidence ------------------------------------------------------------------------
 
 
+def assert_audit_lines_prove_the_bytes(audit: Path, sid: str, gpt_disk: GptDisk) -> set[int]:
+    """Every audit line names the snapshot and a block whose SHA-256 is that block's, as the
+    source disk holds it (an independent digest); returns the blocks it lists."""
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert entries, "no audit line"
+    for entry in entries:
+        assert entry["snapshot"] == sid and entry["bytes"] == BLOCK_SIZE
+        digest = hashlib.sha256(gpt_disk.blocks[entry["block"]]).digest()
+        assert entry["sha256"] == base64.b64encode(digest).decode()
+    return {entry["block"] for entry in entries}
+
+
+def test_browse_and_restore_write_the_audit_log_of_what_they_fetched(
+    emu: Emulator, wenv: dict[str, str], workdir: Path, sid: str, gpt_disk: GptDisk
+) -> None:
+    dest = workdir / "dest"
+    dest.mkdir()
+    restored = workdir / "restore-audit.jsonl"
+    done = run_ebsfuse(
+        "restore", sid, "/data/random.bin", str(dest), "--partition", "1",
+        "--audit-log", str(restored), "--json", env=wenv,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = assert_audit_lines_prove_the_bytes(restored, sid, gpt_disk)
+    assert len(listed) >= json.loads(done.stdout)["blocks_fetched"]
+    browsed = workdir / "browse-audit.jsonl"
+    target = workdir / "browse"
+    target.mkdir()
+    done = run_ebsfuse(
+        "browse", sid, str(target), "--partition", "2", "--audit-log", str(browsed), env=wenv
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert (target / "data" / "random.bin").read_bytes() == gpt_disk.files["data/random.bin"]
+    finally:
+        assert run_ebsfuse("unmount", str(target), env=wenv).returncode == 0
+    wait_for(lambda: not os.path.ismount(target), what="the chain to come down")
+    blocks = assert_audit_lines_prove_the_bytes(browsed, sid, gpt_disk)
+    # The file's blocks are in partition 2 (XFS): the audit names blocks there.
+    assert any(XFS_START // BLOCK_SIZE <= b < (XFS_START + XFS_SIZE) // BLOCK_SIZE for b in blocks)
+    assert_nothing_left(workdir / "run")
+
+
 def test_hash_equals_sha256sum_and_the_audit_log_lists_the_blocks_fetched(
     emu: Emulator, wenv: dict[str, str], workdir: Path, sid: str, gpt_disk: GptDisk
 ) -> None:

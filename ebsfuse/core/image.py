@@ -53,7 +53,8 @@ class SnapshotImage:
 
     def stats(self) -> dict[str, object]:
         out = self.reader.stats.as_dict()
-        out["requests"]["ListSnapshotBlocks"] = self.blockmap.list_calls
+        # The describe call that opened the image was a listing of this snapshot too.
+        out["requests"]["ListSnapshotBlocks"] = self.blockmap.list_calls + 1
         out["token_refreshes"] = self.blockmap.refreshes
         out["token_ranges"] = self.blockmap.range_count
         out["tokens_held"] = self.blockmap.token_count
