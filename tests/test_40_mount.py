@@ -466,16 +466,29 @@ def test_kernel_readahead_is_raised_unless_asked_not_to(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:
     sid = emu.create_snapshot(blocks={0: os.urandom(BLOCK_SIZE)}, volume_size_gib=1)
-    for extra, expected in (((), kernel.READ_AHEAD_KB), (("--no-kernel-tuning",), None)):
-        with MountedSnapshots(workdir / "mnt", [sid], env, *extra) as mount:
+    for tuned in (True, False):
+        extra = () if tuned else ("--no-kernel-tuning",)
+        with MountedSnapshots(workdir / f"mnt-{tuned}", [sid], env, *extra) as mount:
             device = kernel.mount_device(str(mount.mountpoint))
             assert device is not None
             bdi = Path(f"/sys/class/bdi/{device[0]}:{device[1]}/read_ahead_kb")
-            value = int(bdi.read_text())
-            if expected is None:
-                assert value != kernel.READ_AHEAD_KB  # the kernel's own default
+            # The FUSE connection's background requests, the README's other tuning claim.
+            connection = Path(kernel.FUSECTL) / str(device[1]) / "max_background"
+
+            def settings(bdi: Path = bdi, connection: Path = connection) -> tuple[int, int | None]:
+                background = int(connection.read_text()) if connection.exists() else None
+                return int(bdi.read_text()), background
+
+            if tuned:  # applied just after the mount goes live, by the daemon
+                wait_for(lambda: settings()[0] == kernel.READ_AHEAD_KB, what="read_ahead_kb")
+                if connection.exists():
+                    wait_for(lambda: settings()[1] == kernel.MAX_BACKGROUND, what="max_background")
+                assert "kernel settings for" in mount.log()
             else:
-                assert value == expected
+                read_ahead, background = settings()
+                assert read_ahead != kernel.READ_AHEAD_KB  # the kernel's own defaults
+                assert background != kernel.MAX_BACKGROUND
+                assert "kernel settings for" not in mount.log()
 
 
 def test_stats_show_the_shared_request_rate(

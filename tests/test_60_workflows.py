@@ -76,6 +76,7 @@ def source_tree(root: Path) -> dict[str, bytes]:
     os.chmod(root / "data" / "tool", 0o2750)
     os.symlink("../hello.txt", root / "data" / "link")
     os.symlink("/etc/passwd", root / "data" / "absolute-link")
+    os.symlink("/", root / "data" / "escape")  # restore must resolve it inside the snapshot
     with open(root / "data" / "sparse.bin", "wb") as f:
         f.seek(3 * MIB)
         f.write(b"after a hole")
@@ -337,6 +338,77 @@ def test_browse_each_filesystem_byte_identical(
         assert_nothing_left(workdir / "run")
         assert not loops_backed_by(workdir)
     no_writes(emu)
+
+
+def whole_disk_image(fstype: str, tree: Path, image: Path) -> None:
+    """A 256 MiB filesystem of `fstype` holding `tree`, made with its own tools."""
+    with open(image, "wb") as f:
+        f.truncate(256 * MIB)
+    if fstype == "btrfs":
+        subprocess.run(["mkfs.btrfs", "-q", "-f", "-r", str(tree), str(image)], check=True)
+        return
+    subprocess.run(["mkntfs", "-q", "-F", "-f", str(image)], check=True, capture_output=True)
+    mnt = image.with_suffix(".mnt")
+    mnt.mkdir()
+    subprocess.run(["ntfs-3g", str(image), str(mnt)], check=True)
+    try:
+        subprocess.run(["cp", "-r", f"{tree}/.", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("fstype", ["btrfs", "ntfs"])
+def test_browse_and_restore_btrfs_and_ntfs_for_real(
+    emu: Emulator, wenv: dict[str, str], workdir: Path, fstype: str
+) -> None:
+    need("mkfs.btrfs" if fstype == "btrfs" else "mkntfs", "ntfs-3g")
+    tree = workdir / "tree"
+    tree.mkdir()
+    files = sample_tree(tree)
+    image = workdir / f"{fstype}.img"
+    whole_disk_image(fstype, tree, image)
+    sid = emu.create_snapshot(blocks=_file_blocks(image), volume_size_gib=1)
+    image.unlink()
+    target = workdir / "browse"
+    target.mkdir()
+    done = run_ebsfuse("browse", sid, str(target), env=wenv)
+    assert done.returncode == 0, done.stderr
+    try:
+        for name, data in files.items():
+            assert (target / name).read_bytes() == data, name
+        with pytest.raises(OSError):
+            (target / "new-file").write_bytes(b"x")  # read-only
+    finally:
+        assert run_ebsfuse("unmount", str(target), env=wenv).returncode == 0
+    wait_for(lambda: not os.path.ismount(target), what="the chain to come down")
+    # The whole disk is the filesystem: --partition 0 says so explicitly.
+    dest = workdir / "dest"
+    done = run_ebsfuse("restore", sid, "data", str(dest), "--partition", "0", env=wenv)
+    assert done.returncode == 0, done.stderr
+    assert (dest / "random.bin").read_bytes() == files["data/random.bin"]
+    no_writes(emu)
+    assert_nothing_left(workdir / "run")
+
+
+def test_restore_never_leaves_the_snapshot(
+    wenv: dict[str, str], workdir: Path, sid: str, gpt_disk: GptDisk
+) -> None:
+    """`..` and absolute symbolic links resolve inside the snapshot's filesystem: what the host
+    has at those paths (its /etc/hostname) is never read."""
+    assert Path("/etc/hostname").exists()  # the host has it; the snapshot does not
+    dest = workdir / "dest"
+    dest.mkdir()
+    for path in ("../../../etc/hostname", "data/escape/etc/hostname", "/data/../../etc/hostname"):
+        done = run_ebsfuse("restore", sid, path, str(dest), "--partition", "1", env=wenv)
+        assert_one_line_error(done, "no such file or directory in the snapshot", path)
+    # Through the absolute link to "/", the snapshot's own root is reached.
+    done = run_ebsfuse(
+        "restore", sid, "data/escape/docs/readme.md", str(dest), "--partition", "1", env=wenv
+    )
+    assert done.returncode == 0, done.stderr
+    assert (dest / "readme.md").read_bytes() == gpt_disk.files["docs/readme.md"]
+    assert sorted(p.name for p in dest.iterdir()) == ["readme.md"]
+    assert_nothing_left(workdir / "run")
 
 
 def test_browse_of_an_xfs_whose_uuid_is_already_mounted(
