@@ -9,6 +9,8 @@ checks what systemd relies on: READY=1 only once the mount is live, SIGTERM a cl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -17,14 +19,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from ebsfuse import BLOCK_SIZE
+from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.emulator import Emulator
 
-from .conftest import needs_fuse, needs_root, run_ebsfuse
+from .conftest import needs_fuse, needs_root
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -164,13 +167,31 @@ def test_evidence_wrapper(emu: Emulator, env: dict[str, str], tmp_path: Path) ->
     blocks = {0: os.urandom(BLOCK_SIZE), 7: os.urandom(BLOCK_SIZE)}
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     evidence = tmp_path / "case-42"
+    before = datetime.now(UTC).replace(microsecond=0)
     done = subprocess.run(
         [installed("ebsfuse-evidence"), sid, str(evidence)],
         env={**env, "EBSFUSE": str(Path(sys.executable).parent / "ebsfuse")},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    expected = run_ebsfuse("hash", sid, "--md5", env=env).stdout
+    # The digests worked out here, from the blocks given to the emulator and zeros to 1 GiB
+    # (as sha256sum of the image file would), not taken from `ebsfuse hash`.
+    sha, md5 = hashlib.sha256(), hashlib.md5()
+    zeros = bytes(BLOCK_SIZE)
+    for index in range(GIB // BLOCK_SIZE):
+        sha.update(blocks.get(index, zeros))
+        md5.update(blocks.get(index, zeros))
+    expected = f"SHA256 ({sid}.img) = {sha.hexdigest()}\nMD5 ({sid}.img) = {md5.hexdigest()}\n"
     assert done.stdout == expected
     assert (evidence / f"{sid}.sha256-md5").read_text() == expected
-    assert len((evidence / f"{sid}.audit.jsonl").read_text().splitlines()) == 2
+    audit = [
+        json.loads(line) for line in (evidence / f"{sid}.audit.jsonl").read_text().splitlines()
+    ]
+    assert sorted(entry["block"] for entry in audit) == [0, 7]
+    # The record says who acquired it, where and when.
+    record = json.loads((evidence / f"{sid}.json").read_text())
+    assert record["sha256"] == sha.hexdigest() and record["md5"] == md5.hexdigest()
+    assert record["host"] == socket.getfqdn()
+    assert record["user"] == os.environ.get("USER", str(os.getuid()))
+    started = datetime.strptime(record["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert before <= started <= datetime.now(UTC)  # when: during this run
