@@ -542,3 +542,24 @@ def test_stats_count_what_happened_under_faults(
     assert after["prefetch"]["blocks"] >= 1
     assert after["token_ranges"] >= 1 and after["tokens_held"] == len(blocks)
     assert after["bytes_fetched"] == after["cache"]["misses"] * BLOCK_SIZE
+
+
+def test_unmount_lazy_detaches_while_a_loop_device_still_reads_the_image(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    """The README's `unmount --lazy`: a loop device on the image keeps the mount busy; --lazy
+    detaches it from the tree, the loop device reads on, and the daemon ends with it."""
+    blocks = {0: os.urandom(BLOCK_SIZE), 9: os.urandom(BLOCK_SIZE)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    with MountedSnapshots(workdir / "mnt", [sid], env) as mount:
+        with loop_device(mount.image()) as device:
+            busy = run_ebsfuse("unmount", str(mount.mountpoint), env=env)
+            assert busy.returncode != 0 and "--lazy" in busy.stderr, busy.stderr
+            assert os.path.ismount(mount.mountpoint)
+            assert run_ebsfuse("unmount", "--lazy", str(mount.mountpoint), env=env).returncode == 0
+            assert not os.path.ismount(mount.mountpoint)
+            with open(device, "rb") as f:  # still served, through the detached mount
+                f.seek(9 * BLOCK_SIZE)
+                assert f.read(BLOCK_SIZE) == blocks[9]
+            assert daemon_pids(mount.mountpoint)
+        wait_for(lambda: not daemon_pids(mount.mountpoint), what="the daemon to end")
