@@ -255,21 +255,14 @@ class _Stream:
     async def produce(
         self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
     ) -> None:
-        async with send, contextlib.aclosing(wanted):
-            try:
-                async for index, fetch in wanted:
-                    slot = _Slot(index)
-                    if fetch:
-                        self._nursery.start_soon(self._fill, slot)
-                    else:
-                        self._deliver(slot, None)
-                        slot.done.set()
-                    await send.send(slot)
-            except EbsError as error:
-                slot = _Slot(-1)
-                slot.error = error.fresh()
-                slot.done.set()
-                await send.send(slot)
+        await _produce(wanted, send, self._start)
+
+    async def _start(self, slot: _Slot, fetch: bool) -> None:
+        if fetch:
+            self._nursery.start_soon(self._fill, slot)
+        else:
+            self._deliver(slot, None)
+            slot.done.set()
 
     async def _fill(self, slot: _Slot) -> None:
         try:
@@ -293,6 +286,26 @@ class _Stream:
 
     def close(self) -> None:
         """Nothing to stop: the fetch tasks end with the nursery."""
+
+
+async def _produce(
+    wanted: AsyncGenerator[tuple[int, bool], None],
+    send: trio.MemorySendChannel[_Slot],
+    start: Callable[[_Slot, bool], Awaitable[None]],
+) -> None:
+    """A slot per wanted block, in order, each `start`ed (fetched, or filled at once); a
+    failed listing becomes a slot holding its error, raised to the consumer in its place."""
+    async with send, contextlib.aclosing(wanted):
+        try:
+            async for index, fetch in wanted:
+                slot = _Slot(index)
+                await start(slot, fetch)
+                await send.send(slot)
+        except EbsError as error:
+            slot = _Slot(-1)
+            slot.error = error.fresh()
+            slot.done.set()
+            await send.send(slot)
 
 
 def _deliver(slot: _Slot, data: bytes | None, sink: Sink | None) -> None:
@@ -336,22 +349,15 @@ class _BulkStream:
     async def produce(
         self, wanted: AsyncGenerator[tuple[int, bool], None], send: trio.MemorySendChannel[_Slot]
     ) -> None:
-        async with send, contextlib.aclosing(wanted):
-            try:
-                async for index, fetch in wanted:
-                    slot = _Slot(index)
-                    token = await self._reader.blockmap.lookup(index) if fetch else None
-                    if token is None:
-                        _deliver(slot, None, self._sink)
-                        slot.done.set()
-                    else:
-                        self._jobs.put((slot, token, False))
-                    await send.send(slot)
-            except EbsError as error:
-                slot = _Slot(-1)
-                slot.error = error.fresh()
-                slot.done.set()
-                await send.send(slot)
+        await _produce(wanted, send, self._start)
+
+    async def _start(self, slot: _Slot, fetch: bool) -> None:
+        token = await self._reader.blockmap.lookup(slot.index) if fetch else None
+        if token is None:
+            _deliver(slot, None, self._sink)
+            slot.done.set()
+        else:
+            self._jobs.put((slot, token, False))
 
     def close(self) -> None:
         """Stop the threads: each ends after its request (whose deadline bounds it)."""
