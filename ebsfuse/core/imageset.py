@@ -20,7 +20,7 @@ import trio
 from ..ebs.errors import EbsError
 from .image import SnapshotImage
 from .lineage import Lineage
-from .pipeline import describe
+from .pipeline import SnapshotInfo, describe
 from .reader import FetchContext
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,19 @@ class ImageSet:
         self.opened = 0
         self.closed = 0
 
-    def add(self, image: SnapshotImage, *, pinned: bool = True) -> None:
-        """An image made before serving (a fixed mount), kept for the mount's life."""
-        self._images[image.snapshot_id] = image
+    def add(
+        self, info: SnapshotInfo, start_time: datetime | None, *, pinned: bool = False
+    ) -> SnapshotImage:
+        """The image of a described snapshot, kept (for the mount's life when `pinned`: a fixed
+        mount's), and lent to and from the others through the lineage tier."""
+        image = SnapshotImage(info, self.ctx, start_time=start_time)
+        self._images[info.snapshot_id] = image
+        self.opened += 1
         if pinned:
-            self._pins[image.snapshot_id] += 1
+            self._pins[info.snapshot_id] += 1
+        if self.lineage is not None:
+            self.lineage.add(info.snapshot_id, info.num_blocks)
+        return image
 
     def get(self, snapshot_id: str) -> SnapshotImage | None:
         return self._images.get(snapshot_id)
@@ -95,13 +103,8 @@ class ImageSet:
             log.warning("%s: cannot open the image: %s", snapshot_id, error)
             into.error = error
             return
-        image = SnapshotImage(info, self.ctx, start_time=start_time)
         log.info("%s: opened, %d GiB", snapshot_id, info.volume_size_gib)
-        self._images[snapshot_id] = image
-        self.opened += 1
-        if self.lineage is not None:
-            self.lineage.add(snapshot_id, info.num_blocks)
-        into.image = image
+        into.image = self.add(info, start_time)
         self._close_idle()
 
     def pin(self, snapshot_id: str) -> None:

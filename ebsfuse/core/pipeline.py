@@ -195,15 +195,16 @@ async def ordered_blocks(
 ) -> AsyncIterator[OrderedBlocks]:
     """`wanted` (index, fetch?) pairs, ascending, as (index, verified bytes or None), in order.
 
-    Blocks marked for fetching are read through `reader.read_block` (the mount's own path: the
-    token, the retries, the checks) at most `window` ahead of the consumer; the others come
-    back as None at once. Without a `sink` the bytes travel with the order, so memory holds at
-    most `window + 2` blocks; with one, each block is handed to `sink` the moment it arrives
-    (in the worker thread that fetched it; from another tier or a hole, on the trio thread),
-    and the order carries only its index, so memory holds only the requests in flight. A sink
-    must therefore be thread-safe. The
-    first failure, of a listing, a block or the sink, is raised to the consumer at its place
-    in the order. Leaving the context cancels whatever is still being fetched.
+    Blocks marked for fetching are fetched at most `window` ahead of the consumer, by worker
+    threads block after block (`_BulkStream`), or, where a lineage tier must be asked on trio,
+    through `reader.read_block`, the mount's own path (`_Stream`); both keep the same token,
+    retry and verification rules. The others come back as None at once. Without a `sink` the
+    bytes travel with the order, so memory holds at most `window + 2` blocks; with one, each
+    block is handed to `sink` the moment it arrives (in the worker thread that fetched it; a
+    hole, or a block from another tier, on the trio thread), and the order carries only its
+    index, so memory holds only the requests in flight. A sink must therefore be thread-safe.
+    The first failure, of a listing, a block or the sink, is raised to the consumer at its
+    place in the order. Leaving the context cancels whatever is still being fetched.
     """
     send, receive = trio.open_memory_channel[_Slot](max(1, window))
     async with trio.open_nursery() as nursery:
@@ -261,7 +262,7 @@ class _Stream:
         if fetch:
             self._nursery.start_soon(self._fill, slot)
         else:
-            self._deliver(slot, None)
+            _deliver(slot, None, self._sink)
             slot.done.set()
 
     async def _fill(self, slot: _Slot) -> None:
@@ -276,13 +277,9 @@ class _Stream:
             if failure is not None:
                 slot.error = failure
             elif not sunk:
-                self._deliver(slot, data)
+                _deliver(slot, data, self._sink)
         finally:
             slot.done.set()
-
-    def _deliver(self, slot: _Slot, data: bytes | None) -> None:
-        """Hand `data` to the slot, or to the sink."""
-        _deliver(slot, data, self._sink)
 
     def close(self) -> None:
         """Nothing to stop: the fetch tasks end with the nursery."""

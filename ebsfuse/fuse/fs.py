@@ -116,6 +116,7 @@ class FileNode:
     snapshot_id: str
     start: int  # image offset of the file's first byte
     size: int
+    start_time: float  # the snapshot's StartTime, seconds since the epoch: the file's mtime
     partition: Partition | None = None
 
 
@@ -195,7 +196,7 @@ class SnapshotFS(pyfuse3.Operations):
             if snapshot_id is None or record is None:
                 return None
             name = f"{snapshot_id}.img".encode()
-            return FileNode(inode, name, snapshot_id, 0, record.size_bytes)
+            return FileNode(inode, name, snapshot_id, 0, record.size_bytes, record.start_time)
         return self.partition_nodes.get(inode)
 
     def link_target(self, inode: int) -> tuple[bytes, SnapshotRecord] | None:
@@ -256,15 +257,10 @@ class SnapshotFS(pyfuse3.Operations):
             attr.st_mode = stat.S_IFREG | 0o444
             attr.st_size = node.size
             attr.st_blocks = self._allocated(node) // 512
-            record = self.record(node.snapshot_id)
-            if record is not None and (self.catalog.refreshing or self._started(node)):
-                mtime_ns = int(record.start_time * 1e9)
+            # StartTime from EC2; a fixed mount that could not ask recorded its mount time.
+            mtime_ns = int(node.start_time * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
         return attr
-
-    def _started(self, node: FileNode) -> bool:
-        image = self.images.get(node.snapshot_id)
-        return image is not None and image.start_time is not None
 
     def _allocated(self, node: FileNode) -> int:
         """st_blocks' bytes: the image's allocation (all of it until the image is open),
@@ -340,9 +336,11 @@ class SnapshotFS(pyfuse3.Operations):
 
     @guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        link = self.link_target(inode) if inode >= LINK_INODE_BASE else None
+        if inode < LINK_INODE_BASE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # not a symbolic link
+        link = self.link_target(inode)
         if link is None:
-            raise pyfuse3.FUSEError(errno.ENOENT if inode >= LINK_INODE_BASE else errno.EINVAL)
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return link[0]
 
     # -- partitions -------------------------------------------------------------------------
@@ -381,9 +379,10 @@ class SnapshotFS(pyfuse3.Operations):
         except Exception:
             log.exception("%s: partition table detection failed", snapshot_id)
             table = PartitionTable(None, reason="detection failed (see the log)")
-        self._add_partitions(snapshot_id, table)
+        self._add_partitions(record, table)
 
-    def _add_partitions(self, snapshot_id: str, table: PartitionTable) -> None:
+    def _add_partitions(self, record: SnapshotRecord, table: PartitionTable) -> None:
+        snapshot_id = record.snapshot_id
         self.tables[snapshot_id] = table
         if not table.partitions:
             log.info("%s: no partition files: %s", snapshot_id, table.reason)
@@ -395,7 +394,9 @@ class SnapshotFS(pyfuse3.Operations):
                 continue
             inode = PARTITION_INODE_BASE + position * PARTITIONS_PER_IMAGE + part.number
             name = f"{snapshot_id}-part{part.number}.img".encode()
-            node = FileNode(inode, name, snapshot_id, part.start, part.size, part)
+            node = FileNode(
+                inode, name, snapshot_id, part.start, part.size, record.start_time, part
+            )
             self.partition_nodes[inode] = node
             self.partition_names[name] = inode
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import logging.handlers
 import os
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from ..core.imageset import ImageSet
     from ..core.reader import FetchContext
     from ..ebs.client import EbsClient
-    from ..ebs.ec2 import SnapshotRecord
     from .fs import SnapshotFS
 
 # pyfuse3, trio, boto3 and the read path are imported by the daemon only: the command that
@@ -386,7 +386,6 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
 def fixed_catalogue(opts: MountOptions, client: EbsClient, images: ImageSet) -> Catalog:
     """The snapshots named on the command line, each described (and so proven readable) now."""
     from ..core.catalog import Catalog, CatalogView
-    from ..core.image import SnapshotImage
     from ..core.pipeline import describe_snapshot
     from ..ebs.ec2 import SnapshotRecord
 
@@ -397,9 +396,7 @@ def fixed_catalogue(opts: MountOptions, client: EbsClient, images: ImageSet) -> 
         info = describe_snapshot(client, sid, images.ctx.policy)
         log.info("%s: %d GiB, block size %d", sid, info.volume_size_gib, info.block_size)
         started = start_times.get(sid)
-        images.add(SnapshotImage(info, images.ctx, start_time=started))
-        if images.lineage is not None:
-            images.lineage.add(sid, info.num_blocks)
+        images.add(info, started, pinned=True)
         start = started.timestamp() if started else now
         records.append(SnapshotRecord(sid, "", start, info.size_bytes))
     return Catalog(CatalogView(records))
@@ -415,11 +412,7 @@ def open_catalogue(opts: MountOptions) -> Catalog:
     from ..ebs.ec2 import ec2_client, list_snapshots
 
     query = opts.query()
-    ec2 = ec2_client(opts.region, opts.profile)
-
-    def fetch() -> list[SnapshotRecord]:
-        return list(list_snapshots(ec2, query))
-
+    fetch = functools.partial(list_snapshots, ec2_client(opts.region, opts.profile), query)
     view = CatalogView(fetch())
     if not len(view):
         raise EbsfuseError(f"no completed snapshot matches {query.describe()}: nothing to mount")

@@ -440,53 +440,73 @@ def restore(
     paths = [paths] if isinstance(paths, str) else list(paths)
     validate_snapshot_id(snapshot_id)
     planned = plan_destinations(paths, dest, snapshot_id)
-    base = os.path.join(runtime_dir(), f"restore-{os.getpid()}-{secrets.token_hex(4)}")
     # The manifest is opened first: a path that cannot be written is refused before any mount.
+    # With --verify alone, the check's own list goes beside the chains' directories.
+    private = os.path.join(runtime_dir(), f"restore-{os.getpid()}-{secrets.token_hex(4)}")
     entry_log = EntryLog(manifest, keep=True) if manifest else None
-    os.makedirs(base, mode=0o700)
-    if entry_log is None and verify:  # the check's own list, beside the chain's directory
-        entry_log = EntryLog(
-            os.path.join(runtime_dir(), f"{os.path.basename(base)}.entries"), keep=False
-        )
-    chain = Chain(snapshot_id, base, os.path.join(base, "fs"), owns_target=True)
-    copier = _Copier(entry_log)
-    restored: list[dict[str, str]] = []
-    missing: list[str] = []
+    if entry_log is None and verify:
+        os.makedirs(runtime_dir(), mode=0o700, exist_ok=True)
+        entry_log = EntryLog(f"{private}.entries", keep=False)
     complete = False
     try:
-        chain.start_daemon(mount_options)
-        selected = chain.select(partition)
+        copier = _Copier(entry_log)
+        job = _Job(snapshot_id, paths, planned, dest, partition, mount_options, private)
+        result = _restore_through_chain(job, copier)
+        result.seconds = time.monotonic() - started
+        if entry_log is not None and verify:
+            if before_verify is not None:
+                before_verify()
+            result.verified, result.mismatched = verify_entries(entry_log.entries())
+        result.manifest = entry_log.path if entry_log is not None and manifest else None
+        complete = True
+    finally:
+        if entry_log is not None:
+            entry_log.close(complete=complete)
+    return result
+
+
+@dataclass
+class _Job:
+    """What one restore copies from where to where, through which private mount."""
+
+    snapshot_id: str
+    paths: list[str]
+    planned: list[tuple[str, str]]  # each PATH's (directory, name)
+    dest: str
+    partition: int | None
+    mount_options: MountOptions
+    private: str  # the chain's own directory
+
+
+def _restore_through_chain(job: _Job, copier: _Copier) -> RestoreResult:
+    """Mount the snapshot's filesystem privately, copy each PATH, tear everything down."""
+    os.makedirs(job.private, mode=0o700)
+    chain = Chain(job.snapshot_id, job.private, os.path.join(job.private, "fs"), owns_target=True)
+    planned = job.planned
+    restored: list[dict[str, str]] = []
+    missing: list[str] = []
+    try:
+        chain.start_daemon(job.mount_options)
+        selected = chain.select(job.partition)
         chain.attach(selected)
         chain.mount_filesystem()
-        for path, (directory, name) in zip(paths, planned, strict=True):
+        for path, (directory, name) in zip(job.paths, planned, strict=True):
             final = os.path.join(directory, name)
             if _restore_one(chain.target, path, final, copier):
                 restored.append({"source": _inside(path), "dest": final})
             else:
                 missing.append(path)
         counters = chain.stats()
-        complete = True
     except KeyboardInterrupt:
         raise RestoreInterrupted(_interrupted(restored, planned)) from None
     except OSError as exc:
-        where = exc.filename or dest
+        where = exc.filename or job.dest
         if chain.target and isinstance(where, str) and where.startswith(chain.target):
             where = where[len(chain.target) :] or "/"
         raise EbsfuseError(f"restore failed: {where}: {exc.strerror or exc}") from None
     finally:
         chain.teardown()
-        if entry_log is not None and not (complete and verify):
-            entry_log.close(complete=complete)
-    result = _result(snapshot_id, selected, copier, counters, restored, missing, started)
-    if entry_log is not None and verify:
-        try:
-            if before_verify is not None:
-                before_verify()
-            result.verified, result.mismatched = verify_entries(entry_log.entries())
-        finally:
-            entry_log.close(complete=True)
-    result.manifest = entry_log.path if entry_log is not None and manifest else None
-    return result
+    return _result(job.snapshot_id, selected, copier, counters, restored, missing)
 
 
 def _inside(path: str) -> str:
@@ -530,7 +550,6 @@ def _result(
     counters: dict[str, Any],
     restored: list[dict[str, str]],
     missing: list[str],
-    started: float,
 ) -> RestoreResult:
     fetched = int(counters.get("bytes_fetched", 0))
     first = restored[0] if restored else {"source": "", "dest": ""}
@@ -547,7 +566,7 @@ def _result(
         bytes_restored=copier.bytes,
         bytes_fetched=fetched,
         blocks_fetched=fetched // BLOCK_SIZE,
-        seconds=time.monotonic() - started,
+        seconds=0.0,  # set by the caller, which knows when the restore began
         blocks_from_cache=int(counters.get("saved", {}).get("requests", 0)),
         paths=restored,
         missing=missing,
