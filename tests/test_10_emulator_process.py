@@ -9,13 +9,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import emulator_fixtures as fx
+from tests.conftest import wait_for
 from tests.emulator_fixtures import (
+    BLOCK,
     ROOT,
     EmulatorProcess,
     content,
@@ -142,6 +145,43 @@ def test_a_volumes_history_and_a_large_account_from_the_command_line(
     days = sorted(s["StartTime"] for s in snapshots("vol-0123456789abcdef0"))
     assert [(b - a).total_seconds() for a, b in itertools.pairwise(days)] == [86400.0] * 3
     assert [len(snapshots(f"vol-{n:017x}")) for n in (1, 2, 3)] == [400, 400, 400]
+
+
+def test_gates_and_completion_delay_from_outside_the_process(
+    processes: list[EmulatorProcess],
+) -> None:
+    """The controls a test of a separate emulator process needs: --complete-after, and gates
+    over HTTP."""
+    proc = EmulatorProcess("--complete-after", "300")
+    processes.append(proc)
+    faults = raw(proc.endpoint, "GET", "/_emulator/faults", auth=False).json()
+    assert faults["complete_after_s"] == 300
+    sid = raw(
+        proc.endpoint, "POST", "/_emulator/synthetic", body=b'{"spec": "size=1"}', auth=False
+    ).json()["SnapshotId"]
+    body = json.dumps({"snapshot_id": sid, "block_index": 3}).encode()
+    closed = raw(proc.endpoint, "POST", "/_emulator/gates", body=body, auth=False).json()
+    assert closed == {"gates": [{"snapshot_id": sid, "block_index": 3, "arrived": 0}]}
+    ebs = make_client(proc.endpoint)
+    token = ebs.list_snapshot_blocks(SnapshotId=sid, StartingBlockIndex=3, MaxResults=100)[
+        "Blocks"
+    ][0]["BlockToken"]
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(read(ebs, sid, 3, token)))
+    reader.start()
+
+    def held() -> bool:
+        gates = raw(proc.endpoint, "GET", "/_emulator/gates", auth=False).json()["gates"]
+        return gates[0]["arrived"] == 1
+
+    wait_for(held, what="the request to reach the gate")
+    assert got == []  # held
+    body = json.dumps({"release": True}).encode()
+    assert raw(proc.endpoint, "POST", "/_emulator/gates", body=body, auth=False).json() == {
+        "gates": []
+    }
+    reader.join(30)
+    assert len(got) == 1 and len(got[0]) == BLOCK
 
 
 def test_data_dir_survives_kill_9(processes: list[EmulatorProcess], tmp_dir: Path) -> None:

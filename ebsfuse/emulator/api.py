@@ -74,6 +74,15 @@ class Gates:
             gate = self._gates[(snapshot_id, index)] = Gate()
         return gate
 
+    def arrivals(self) -> list[dict[str, Any]]:
+        """Each closed gate and the requests it holds, as JSON."""
+        with self._lock:
+            gates = list(self._gates.items())
+        return [
+            {"snapshot_id": sid, "block_index": index, "arrived": gate.arrived}
+            for (sid, index), gate in gates
+        ]
+
     def release_all(self) -> None:
         with self._lock:
             gates, self._gates = list(self._gates.values()), {}

@@ -193,6 +193,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="create a synthetic snapshot, e.g. size=65536,pattern=all,seed=7 (repeatable)",
     )
     parser.add_argument(
+        "--complete-after",
+        type=_nonnegative,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep each snapshot pending this long after CompleteSnapshot, as AWS does "
+        "(on the emulator's clock; default 0)",
+    )
+    parser.add_argument(
         "--daily-chain",
         metavar="VOLUME_ID:DAYS",
         type=_chain,
@@ -241,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
             bare_429_rate=args.bare_429_rate,
             report_volume_size=args.report_volume_size,
             max_faults=args.max_faults,
+            complete_after_s=args.complete_after,
             **_kind_settings("list_fault", args.list_fault),
             **_kind_settings("body_fault", args.body_fault),
         )

@@ -124,6 +124,17 @@ class Emulator:
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
+    def _gates_control(self, method: str, doc: dict[str, Any]) -> Response:
+        """POST {"snapshot_id", "block_index"} closes a gate, {"release": true} opens them
+        all; GET says how many requests each closed gate holds. For tests of a separate
+        emulator process, as `gate()` is for an emulator in the test's own."""
+        gates = self.api.gates
+        if method == "POST" and doc.get("release"):
+            gates.release_all()
+        elif method == "POST":
+            gates.close(str(doc["snapshot_id"]), int(doc["block_index"]))
+        return json_response(200, {"gates": gates.arrivals()})
+
     def gate(self, snapshot_id: str, index: int) -> Gate:
         """Hold every GetSnapshotBlock answer of one block until `release()` (at most
         GATE_MAX_HOLD_S); `arrived` counts the requests held. For tests that must know a
@@ -315,6 +326,8 @@ class Emulator:
                 return json_response(200, {"SnapshotId": self.create_synthetic(str(doc["spec"]))})
             if method == "GET" and path == "/_emulator/snapshots":
                 return json_response(200, {"SnapshotIds": self.store.ids()})
+            if path == "/_emulator/gates":
+                return self._gates_control(method, doc)
         except (ValueError, KeyError, TypeError, SpecError) as e:
             return control_error(str(e))
         return control_error(f"no control endpoint {method} {path}", 404)
