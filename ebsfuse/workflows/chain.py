@@ -226,6 +226,10 @@ class Chain:
     device: str | None = None
     selected: Selected | None = None
     owns_target: bool = False  # target was created by us (restore): removed on teardown
+    # Further snapshots the same daemon serves, each with its own loop device and filesystem
+    # mounted at its own target (`changes` reads two; one daemon lets them share blocks).
+    companions: list[str] = field(default_factory=list)
+    companion_targets: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -239,7 +243,7 @@ class Chain:
     ) -> None:
         """`ebsfuse mount --foreground` on the private dir; returns once the mount is live."""
         os.makedirs(self.image_dir, exist_ok=True)
-        opts.snapshot_ids = [self.snapshot_id]
+        opts.snapshot_ids = [self.snapshot_id, *self.companions]
         opts.mountpoint = self.image_dir
         self._proc, message = spawn_daemon(opts, interrupted)
         self.daemon_pid = self._proc.pid
@@ -249,9 +253,9 @@ class Chain:
             raise EbsfuseError(message[len("error ") :])
         raise EbsfuseError("the mount daemon exited before the snapshot was mounted")
 
-    def partitions(self) -> dict[int, str]:
+    def partitions(self, snapshot_id: str | None = None) -> dict[int, str]:
         """Partition number -> file in the FUSE mount (listing it triggers detection)."""
-        prefix = f"{self.snapshot_id}-part"
+        prefix = f"{snapshot_id or self.snapshot_id}-part"
         found = {}
         for name in os.listdir(self.image_dir):
             if name.startswith(prefix) and name.endswith(".img"):
@@ -260,12 +264,13 @@ class Chain:
                     found[int(number)] = os.path.join(self.image_dir, name)
         return dict(sorted(found.items()))
 
-    def select(self, partition: int | None) -> Selected:
+    def select(self, partition: int | None, snapshot_id: str | None = None) -> Selected:
         """The partition asked for, or the only mountable filesystem; one clear line otherwise."""
-        parts = self.partitions()
-        whole = os.path.join(self.image_dir, f"{self.snapshot_id}.img")
+        sid = snapshot_id or self.snapshot_id
+        parts = self.partitions(sid)
+        whole = os.path.join(self.image_dir, f"{sid}.img")
         if partition == 0 or (partition is None and not parts):
-            return self._probe(0, whole, required=True)
+            return self._probe(sid, 0, whole, required=True)
         if partition is not None:
             if partition not in parts:
                 have = (
@@ -273,11 +278,11 @@ class Chain:
                     if parts
                     else "it has no partition table (use --partition 0 or leave it out)"
                 )
-                raise UsageError(f"{self.snapshot_id} has no partition {partition}: {have}")
-            return self._probe(partition, parts[partition], required=True)
+                raise UsageError(f"{sid} has no partition {partition}: {have}")
+            return self._probe(sid, partition, parts[partition], required=True)
         candidates, others = [], []
         for number, path in parts.items():
-            found = self._probe(number, path, required=False)
+            found = self._probe(sid, number, path, required=False)
             if found.fstype in MOUNT_OPTIONS:
                 candidates.append(found)
             else:
@@ -286,58 +291,44 @@ class Chain:
             return candidates[0]
         if not candidates:
             raise EbsfuseError(
-                f"{self.snapshot_id} holds no filesystem ebsfuse can mount "
-                f"(partitions {'; '.join(others)})"
+                f"{sid} holds no filesystem ebsfuse can mount (partitions {'; '.join(others)})"
             )
         listed = ", ".join(c.label() for c in candidates)
-        raise UsageError(
-            f"{self.snapshot_id} has several filesystems: {listed}; choose one with --partition N"
-        )
+        raise UsageError(f"{sid} has several filesystems: {listed}; choose one with --partition N")
 
-    def _probe(self, number: int, path: str, *, required: bool) -> Selected:
+    def _probe(self, sid: str, number: int, path: str, *, required: bool) -> Selected:
         fstype = probe_file(path) or "nothing recognisable"
         selected = Selected(path, number, fstype, os.path.getsize(path))
         if required and fstype not in MOUNT_OPTIONS:
             where = "the disk" if number == 0 else f"partition {number}"
             raise EbsfuseError(
-                f"{self.snapshot_id}: {where} holds no filesystem ebsfuse can mount "
-                f"(found: {fstype})"
+                f"{sid}: {where} holds no filesystem ebsfuse can mount (found: {fstype})"
             )
         return selected
 
     def attach(self, selected: Selected) -> str:
         self.selected = selected
-        done = _run(["losetup", "-r", "-f", "--show", selected.path])
-        if done.returncode != 0:
-            raise EbsfuseError(f"cannot attach a loop device: {_last_line(done)}")
-        self.device = done.stdout.strip()
+        self.device = _attach_loop(selected.path)
         return self.device
 
     def mount_filesystem(self) -> None:
         assert self.selected is not None and self.device is not None
-        fstype = self.selected.fstype
-        kind, options = MOUNT_OPTIONS[fstype]
-        attempts = [(kind, options)]
-        if fstype == "btrfs":
-            attempts.append(("btrfs", "ro,nologreplay"))  # kernels before 5.9
-        if fstype == "ntfs":
-            attempts.append(("ntfs-3g", "ro"))
-        os.makedirs(self.target, exist_ok=True)
-        reason = ""
-        for kind, options in attempts:
-            done = _run(["mount", "-t", kind, "-o", options, self.device, self.target])
-            if done.returncode == 0:
-                return
-            reason = _mount_reason(done, self.target)
-        raise EbsfuseError(f"cannot mount {self.selected.label()} read-only ({options}): {reason}")
+        _mount_read_only(self.selected, self.device, self.target)
 
-    def stats(self) -> dict[str, Any]:
-        """The daemon's counters for this snapshot ({} if they cannot be read)."""
+    def mount_companion(self, snapshot_id: str, selected: Selected, target: str) -> None:
+        """A companion's `selected` filesystem at `target`, by its own read-only loop device."""
+        assert snapshot_id in self.companions
+        device = _attach_loop(selected.path)
+        self.companion_targets.append(target)
+        _mount_read_only(selected, device, target)
+
+    def stats(self, snapshot_id: str | None = None) -> dict[str, Any]:
+        """The daemon's counters for a snapshot it serves ({} if they cannot be read)."""
         from ..core.stats import STATS_NAME
 
         try:
             with open(os.path.join(self.image_dir, STATS_NAME.decode()), "rb") as f:
-                return json.loads(f.read())["snapshots"][self.snapshot_id]
+                return json.loads(f.read())["snapshots"][snapshot_id or self.snapshot_id]
         except (OSError, ValueError, KeyError):
             return {}
 
@@ -384,14 +375,16 @@ class Chain:
             signal.signal(signal.SIGINT, previous)
 
     def _teardown(self, lazy: bool) -> None:
-        if os.path.ismount(self.target) and self._target_is_ours():
-            try:
-                if lazy:
-                    _run(["umount", "-l", self.target])
-                else:
-                    umount(self.target)
-            except EbsfuseError as error:
-                log.warning("%s", error)
+        targets = [*reversed(self.companion_targets), self.target]
+        for target in targets:
+            if os.path.ismount(target) and self._target_is_ours(target):
+                try:
+                    if lazy:
+                        _run(["umount", "-l", target])
+                    else:
+                        umount(target)
+                except EbsfuseError as error:
+                    log.warning("%s", error)
         if os.path.isdir(self.image_dir):
             for device in loops_under(self.image_dir):
                 # On a device still held (a lazy unmount), this sets autoclear instead.
@@ -400,8 +393,9 @@ class Chain:
         if os.path.ismount(self.image_dir):
             _run(["fusermount3", "-u", "-z", self.image_dir])
         if self.owns_target:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.target)
+            for target in targets:
+                with contextlib.suppress(OSError):
+                    os.rmdir(target)
         with contextlib.suppress(OSError):
             os.unlink(self.state_path)
         with contextlib.suppress(OSError):
@@ -409,9 +403,9 @@ class Chain:
         with contextlib.suppress(OSError):
             os.rmdir(self.base)
 
-    def _target_is_ours(self) -> bool:
+    def _target_is_ours(self, target: str) -> bool:
         """The target's mount is a loop device over our image dir (not some unrelated mount)."""
-        source = mount_source(self.target) or ""
+        source = mount_source(target) or ""
         backing = loop_backing_file(source) if source.startswith("/dev/loop") else None
         if backing is None:
             # Detached loop (autoclear) or never ours: only if it is the device we attached.
@@ -440,6 +434,31 @@ class Chain:
             os.kill(pid, signal.SIGKILL)
         if self._proc is not None:
             self._proc.wait()
+
+
+def _attach_loop(path: str) -> str:
+    done = _run(["losetup", "-r", "-f", "--show", path])
+    if done.returncode != 0:
+        raise EbsfuseError(f"cannot attach a loop device: {_last_line(done)}")
+    return done.stdout.strip()
+
+
+def _mount_read_only(selected: Selected, device: str, target: str) -> None:
+    fstype = selected.fstype
+    kind, options = MOUNT_OPTIONS[fstype]
+    attempts = [(kind, options)]
+    if fstype == "btrfs":
+        attempts.append(("btrfs", "ro,nologreplay"))  # kernels before 5.9
+    if fstype == "ntfs":
+        attempts.append(("ntfs-3g", "ro"))
+    os.makedirs(target, exist_ok=True)
+    reason = ""
+    for kind, options in attempts:
+        done = _run(["mount", "-t", kind, "-o", options, device, target])
+        if done.returncode == 0:
+            return
+        reason = _mount_reason(done, target)
+    raise EbsfuseError(f"cannot mount {selected.label()} read-only ({options}): {reason}")
 
 
 def _is_our_daemon(pid: int, image_dir: str) -> bool:
