@@ -12,6 +12,7 @@ leaves a stale mount that breaks the next.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -151,6 +152,28 @@ def make_ext4_image(workdir: Path, size_mib: int = 32) -> tuple[Path, dict[str, 
         check=True,
     )
     return image, files
+
+
+def allocated_blocks(image: Path) -> dict[int, bytes]:
+    """The image's 512 KiB blocks that hold data (SEEK_DATA), by index."""
+    blocks: dict[int, bytes] = {}
+    with open(image, "rb") as f:
+        fd = f.fileno()
+        end = os.fstat(fd).st_size
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:
+                    break
+                raise
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+            for index in range(offset // BLOCK_SIZE, (hole - 1) // BLOCK_SIZE + 1):
+                if index not in blocks:
+                    blocks[index] = os.pread(fd, BLOCK_SIZE, index * BLOCK_SIZE)
+            offset = max(hole, offset + 1)
+    return blocks
 
 
 # -- mounts -------------------------------------------------------------------------------

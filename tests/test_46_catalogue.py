@@ -40,6 +40,7 @@ from ebsfuse.emulator import Emulator
 
 from .conftest import (
     MountedSnapshots,
+    allocated_blocks,
     daemon_pids,
     loop_device,
     mounted_filesystem,
@@ -204,28 +205,6 @@ def test_images_open_once_however_many_readers_and_idle_ones_are_bounded(
 
 
 # -- a real filesystem over 30 days ---------------------------------------------------------
-
-
-def allocated_blocks(image: Path) -> dict[int, bytes]:
-    """The image's 512 KiB blocks that hold data (SEEK_DATA), by index."""
-    blocks: dict[int, bytes] = {}
-    with open(image, "rb") as f:
-        fd = f.fileno()
-        end = os.fstat(fd).st_size
-        offset = 0
-        while offset < end:
-            try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as error:
-                if error.errno == errno.ENXIO:
-                    break
-                raise
-            hole = os.lseek(fd, offset, os.SEEK_HOLE)
-            for index in range(offset // BLOCK_SIZE, (hole - 1) // BLOCK_SIZE + 1):
-                if index not in blocks:
-                    blocks[index] = os.pread(fd, BLOCK_SIZE, index * BLOCK_SIZE)
-            offset = max(hole, offset + 1)
-    return blocks
 
 
 def day_text(day: int) -> bytes:
