@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 COMMANDS = (
     "mount", "unmount", "umount", "stats", "upload", "download", "diff", "info",
-    "browse", "restore", "hash", "cache", "emulator",
+    "browse", "restore", "changes", "hash", "cache", "emulator",
 )  # fmt: skip
 
 # mount(8) and mount.fuse3 pass generic options along; they mean nothing for a read-only

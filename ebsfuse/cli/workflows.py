@@ -1,7 +1,8 @@
-"""Command-line parsing of the workflows: `browse`, `restore` and `hash`.
+"""Command-line parsing of the workflows: `browse`, `restore`, `changes` and `hash`.
 
 Kept apart from cli.py (as tools_cli.py is); `register` adds the sub-commands. Each command
-turns its arguments into one library call (browse.py, restore.py, hashing.py) and prints a
+turns its arguments into one library call (browse.py, restore.py, changes.py, hashing.py) and
+prints a
 short summary, or one JSON document with `--json`. Bad input and failures are one line on stderr
 with a non-zero exit; Ctrl-C or SIGTERM exits 130 after cleaning up.
 """
@@ -18,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from ..ebs.errors import UsageError
+from ..tools.progress import progress_wanted
 from .options import (
     PROG,
     add_cache_dir_arguments,
@@ -97,6 +99,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true", help="print the result as one JSON document")
     r.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     r.set_defaults(func=cmd_restore)
+
+    c = sub.add_parser(
+        "changes", help="files added, deleted, modified or changed in metadata between snapshots"
+    )
+    c.add_argument("first", metavar="SNAPSHOT_A", help="the earlier snapshot")
+    c.add_argument("second", metavar="SNAPSHOT_B", help="the later snapshot")
+    _chain_arguments(c)
+    c.add_argument(
+        "--path", default="/", metavar="PREFIX", help="compare only under this directory"
+    )
+    c.add_argument(
+        "--deep",
+        action="store_true",
+        help="read and compare every file present in both, whatever the changed blocks say",
+    )
+    c.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per change, then one with the summary",
+    )
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress line, no notes")
+    c.set_defaults(func=cmd_changes)
 
     h = sub.add_parser("hash", help="SHA-256 (and MD5) of a snapshot's whole disk image")
     h.add_argument("snapshot", metavar="SNAPSHOT_ID")
@@ -281,6 +305,128 @@ def _restore_status(result: Any) -> int:
         return 0
     print(f"{PROG}: " + "; ".join(problems), file=sys.stderr)
     return 1
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    from ..ebs.client import EbsClient, RetryPolicy
+    from ..workflows.changes import ChangesInterrupted, ChangesJob, changes
+
+    _setup_logging()
+    _sigterm_interrupts()
+    view = _ChangesView(args.json, progress_wanted(args.quiet or args.json))
+    job = ChangesJob(
+        args.first,
+        args.second,
+        partition=args.partition,
+        path=args.path,
+        deep=args.deep,
+        on_change=view.change,
+        on_entry=view.walked,
+        on_total=view.expect,
+    )
+    try:
+        result = changes(
+            EbsClient(client_settings(args)),
+            job,
+            mount_options(args, [], ""),
+            RetryPolicy(budget_s=args.block_timeout),
+        )
+    except ChangesInterrupted as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 130
+    finally:
+        view.close()
+    view.summary(result, quiet=args.quiet)
+    return 0
+
+
+class _ChangesView:
+    """The changes as they come: a table row (or a JSON line) each, under a progress line."""
+
+    def __init__(self, as_json: bool, progress: bool) -> None:
+        self.as_json = as_json
+        self.progress = progress
+        self.bar: Any = None
+
+    def expect(self, total: int) -> None:
+        from ..tools.progress import Progress
+
+        self.bar = Progress("comparing entries", total, enabled=self.progress)
+
+    def walked(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(0, count)
+
+    def change(self, change: Any) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        if self.as_json:
+            print(json.dumps(change.as_dict(), separators=(",", ":")), flush=True)
+        else:
+            print(f"{change.change:<9} {change.kind:<9} {change.path}{_detail(change)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def summary(self, result: Any, *, quiet: bool) -> None:
+        from ..tools.progress import human_bytes
+
+        if self.as_json:
+            print(json.dumps({"summary": result.as_dict()}, separators=(",", ":")))
+            return
+        if not quiet:
+            for note in result.notes:
+                print(f"{PROG}: note: {note}", file=sys.stderr)
+        where = "whole disk" if result.partition == 0 else f"partition {result.partition}"
+        counts = ", ".join(
+            f"{n} {name}"
+            for n, name in (
+                (result.added, "added"),
+                (result.deleted, "deleted"),
+                (result.modified, "modified"),
+                (result.metadata, "metadata only"),
+                (result.renamed, "renamed"),
+            )
+        )
+        if result.method == "same":
+            print(f"{result.first_snapshot_id} and itself: nothing changed")
+            return
+        print(
+            f"{result.total} changes from {result.first_snapshot_id} to "
+            f"{result.second_snapshot_id} ({where}, {result.fstype}, under {result.path}): "
+            f"{counts}; {result.entries} entries walked, {human_bytes(result.bytes_compared)} "
+            f"read to compare; {result.blocks_fetched} blocks fetched, {result.blocks_lent} "
+            f"lent by cache or lineage; {result.seconds:.1f} s"
+        )
+
+
+def _detail(change: Any) -> str:
+    """The table row's tail: what changed, briefly."""
+    parts = []
+    if change.renamed_from is not None:
+        parts.append(f"from {change.renamed_from}")
+    content = change.content
+    if content is not None and content.ranges:
+        from ..tools.progress import human_bytes
+
+        total = sum(length for _, length in content.ranges)
+        ranges = len(content.ranges)
+        amount = f"{total} bytes" if total < 1024 else human_bytes(total)
+        parts.append(
+            f"content: {amount} in {ranges} range{'s' if ranges != 1 else ''} (by {content.method})"
+        )
+        if change.times_kept:
+            parts.append("SIZE AND TIMES AS BEFORE")
+    before, after = change.before, change.after
+    for name in change.fields:
+        if name == "mode":
+            parts.append(f"mode {before.as_dict()['mode']} -> {after.as_dict()['mode']}")
+        elif name in ("uid", "gid", "size", "target"):
+            parts.append(f"{name} {getattr(before, name)} -> {getattr(after, name)}")
+        else:
+            parts.append(name)
+    return "  " + "; ".join(parts) if parts else ""
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
