@@ -176,6 +176,16 @@ def allocated_blocks(image: Path) -> dict[int, bytes]:
     return blocks
 
 
+def assert_one_line_failure(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    """A non-zero exit with exactly one line on stderr, no traceback, naming each needle."""
+    assert done.returncode != 0, done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+
+
 # -- mounts -------------------------------------------------------------------------------
 
 

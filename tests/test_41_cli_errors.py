@@ -17,6 +17,7 @@ from ebsfuse.emulator import Emulator
 
 from .conftest import (
     MountedSnapshots,
+    assert_one_line_failure,
     aws_env,
     daemon_pids,
     ebsfuse_cmd,
@@ -26,15 +27,6 @@ from .conftest import (
     run_ebsfuse,
     sweep,
 )
-
-
-def assert_one_line_failure(done: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
 @pytest.fixture

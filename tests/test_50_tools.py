@@ -22,7 +22,7 @@ from ebsfuse import BLOCK_SIZE, GIB
 from ebsfuse.cli.commands import main as ebsfuse_main
 from ebsfuse.emulator import Emulator
 
-from .conftest import needs_root
+from .conftest import assert_one_line_failure, needs_root
 
 MIB = 1024 * 1024
 
@@ -101,15 +101,6 @@ def assert_volume_holds(volume: Path, image: Path, volume_size: int = GIB) -> No
                 assert chunk and chunk.count(0) == len(chunk), f"data past the image at {v.tell()}"
                 left -= len(chunk)
             pos = hole_at
-
-
-def assert_one_line_failure(done: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert done.returncode != 0, done.stdout
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "Traceback" not in done.stderr
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
 def upload(env: dict[str, str], image: Path, *args: str) -> dict[str, object]:
