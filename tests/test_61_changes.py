@@ -24,7 +24,15 @@ import pytest
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.emulator import Emulator
 
-from .conftest import allocated_blocks, mounts_under, needs_fuse, needs_root, run_ebsfuse
+from .conftest import (
+    allocated_blocks,
+    assert_one_line_failure,
+    loops_backed_by,
+    mounts_under,
+    needs_fuse,
+    needs_root,
+    run_ebsfuse,
+)
 
 MIB = 1024 * 1024
 VOLUME_MIB = 400  # mkfs.xfs wants 300 MB at least
@@ -342,3 +350,56 @@ def test_the_table_a_prefix_and_unrelated_snapshots(
     assert unrelated["method"] == "unrelated" and unrelated["files_read"] > 0
     assert any("UNRELATED_SNAPSHOTS" in note for note in unrelated["notes"])
     assert_day_two(alone, "ext4")
+
+
+def nothing_left() -> None:
+    runtime = Path("/run/ebsfuse")
+    assert not mounts_under(runtime) and not loops_backed_by(runtime)
+    assert not list(runtime.glob("changes-*"))
+
+
+@needs_fuse
+@needs_root
+@pytest.mark.timeout(240)
+def test_bad_input_is_one_line_and_leaves_nothing_mounted(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    volume = Volume(emu, workdir, "ext4", start_sector=2048)
+    try:
+        with volume as root:
+            (root / "a.txt").write_bytes(b"a\n")
+        first, _ = volume.snapshot()
+        with volume as root:
+            (root / "a.txt").write_bytes(b"b\n")
+        second, _ = volume.snapshot()
+        device = _attach(volume.image, 2048 * 512, (VOLUME_MIB - 1) * MIB)
+        try:
+            volume.format("xfs", device)  # day three: the partition reformatted
+        finally:
+            _run("losetup", "-d", device)
+        reformatted, _ = volume.snapshot()
+        with open(volume.image, "r+b") as f:
+            f.write(bytes(512))  # day four: the partition table is gone
+        no_table, _ = volume.snapshot()
+    finally:
+        volume.__exit__()
+
+    same = run_ebsfuse("changes", first, first, env=env)
+    assert same.returncode == 0 and same.stdout == f"{first} and itself: nothing changed\n"
+    unknown = "snap-0123456789abcdef0"
+    cases: list[tuple[list[str], list[str]]] = [
+        ([first, no_table], [no_table, "has no partition 1", "no partition table"]),
+        (["--partition", "2", first, no_table], [first, "has no partition 2", "partitions are 1"]),
+        ([second, reformatted], ["ext4 in", "xfs in", reformatted]),
+        ([first, unknown], [unknown]),
+        ([unknown, unknown], [unknown]),
+        ([first, "snap-XYZ"], ["snap-XYZ"]),
+        (["--path", "/nowhere", first, second], ["/nowhere", "no such file"]),
+    ]
+    for args, needles in cases:
+        assert_one_line_failure(run_ebsfuse("changes", *args, env=env), *needles)
+        nothing_left()
+    emu.set_faults(denied_access_keys=env["AWS_ACCESS_KEY_ID"])
+    denied = run_ebsfuse("changes", first, no_table, env=env)
+    assert_one_line_failure(denied, "AccessDeniedException")
+    nothing_left()
