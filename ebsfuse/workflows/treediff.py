@@ -31,7 +31,10 @@ import itertools
 import os
 import stat
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -241,39 +244,46 @@ class ContentVerdict:
 
 class ContentJudge:
     """Whether a file's bytes differ between the trees, reading as little as the evidence
-    allows. Counts the bytes it read."""
+    allows. Safe to call from several threads; counts what it read."""
 
     def __init__(self, evidence: Evidence) -> None:
         self.evidence = evidence
         self.bytes_read = 0
         self.files_by_extents = 0
         self.files_read = 0
+        self._lock = threading.Lock()
 
     def judge(self, path_a: str, path_b: str, size_a: int, size_b: int) -> ContentVerdict:
         common = min(size_a, size_b)
         ranges = Ranges()
         with _open(path_a) as fd_a, _open(path_b) as fd_b:
-            method = "read"
-            if self.evidence.by_extents and self._by_extents(fd_a, fd_b, common, ranges):
-                method = "extents"
+            mapped, read = False, 0
+            if self.evidence.by_extents:
+                mapped, read = self._by_extents(fd_a, fd_b, common, ranges)
+            if not mapped:
+                ranges = Ranges()
+                read += differing_pages(fd_a, fd_b, 0, common, ranges)
+        with self._lock:
+            self.bytes_read += read
+            if mapped:
                 self.files_by_extents += 1
             else:
-                ranges = Ranges()
-                self.bytes_read += differing_pages(fd_a, fd_b, 0, common, ranges)
                 self.files_read += 1
         ranges.add(common, max(size_a, size_b) - common)
-        return ContentVerdict(ranges.items, method)
+        return ContentVerdict(ranges.items, "extents" if mapped else "read")
 
-    def _by_extents(self, fd_a: int, fd_b: int, size: int, ranges: Ranges) -> bool:
-        """Compare what the extents cannot vouch for; False if either file has no usable map."""
+    def _by_extents(self, fd_a: int, fd_b: int, size: int, ranges: Ranges) -> tuple[bool, int]:
+        """Compare what the extents cannot vouch for: (False if either file has no usable map,
+        bytes read)."""
+        read = 0
         for window in range(0, size, WINDOW_BYTES):
             length = min(WINDOW_BYTES, size - window)
             a, b = file_extents(fd_a, window, length), file_extents(fd_b, window, length)
             if a is None or b is None:
-                return False
+                return False, read
             for start, end in self._suspect(a, b, window, window + length):
-                self.bytes_read += differing_pages(fd_a, fd_b, start, end - start, ranges)
-        return True
+                read += differing_pages(fd_a, fd_b, start, end - start, ranges)
+        return True, read
 
     def _suspect(
         self, a: list[Extent], b: list[Extent], start: int, end: int
@@ -559,6 +569,14 @@ class RenameMatcher:
 # -- the comparison ----------------------------------------------------------------------------
 
 
+# Entries compared at once. Each may wait on block fetches (tens of ms each), so the walk keeps
+# this many in flight and hands their answers on in walk order. Measured on the 100 GiB bench
+# (scripts/bench-changes); the daemon itself serves up to 64 requests at once.
+COMPARE_WORKERS = 16
+# Answers held back waiting for an earlier entry's: bounds memory, keeps the workers busy.
+IN_FLIGHT = 4 * COMPARE_WORKERS
+
+
 class TreeComparer:
     """Walks both trees and hands each `Change` to `emit`: modified and metadata-only entries as
     the walk meets them, then renamed, deleted and added ones (held to be matched)."""
@@ -570,6 +588,7 @@ class TreeComparer:
         evidence: Evidence,
         emit: Callable[[Change], None],
         on_entry: Callable[[], None] = lambda: None,
+        workers: int = COMPARE_WORKERS,
     ) -> None:
         self.a, self.b = a, b
         self.evidence = evidence
@@ -577,26 +596,40 @@ class TreeComparer:
         self._emit = emit
         self._on_entry = on_entry
         self._renames = RenameMatcher(emit)
+        self._workers = workers
+        self._queue: deque[Future[Change | None]] = deque()
         self.counts = {name: 0 for name in ("added", "deleted", "modified", "metadata", "renamed")}
         self.entries = 0
         self.moved_with_parent = 0  # entries under a renamed directory, otherwise unchanged
 
     def run(self, start: str = "/") -> None:
-        for path, st_a, st_b in walk_pair(self.a, self.b, start):
-            self.entries += 1
-            self._on_entry()
-            if (
-                st_a is not None
-                and st_b is not None
-                and kind_of(st_a.st_mode) == kind_of(st_b.st_mode)
-            ):
-                self._report(self.compare(path, path, st_a, st_b))
-                continue
-            if st_a is not None:
-                self._one_side("a", path, st_a)
-            if st_b is not None:
-                self._one_side("b", path, st_b)
-        self._finish()
+        pool = ThreadPoolExecutor(self._workers, thread_name_prefix="compare")
+        try:
+            for path, st_a, st_b in walk_pair(self.a, self.b, start):
+                self.entries += 1
+                self._on_entry()
+                if (
+                    st_a is not None
+                    and st_b is not None
+                    and kind_of(st_a.st_mode) == kind_of(st_b.st_mode)
+                ):
+                    self._queue.append(pool.submit(self.compare, path, path, st_a, st_b))
+                    self._settle(IN_FLIGHT)
+                    continue
+                if st_a is not None:
+                    self._one_side("a", path, st_a)
+                if st_b is not None:
+                    self._one_side("b", path, st_b)
+            self._settle(0)
+            self._finish(pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _settle(self, keep: int) -> None:
+        """Report answers in walk order until at most `keep` wait (and none finished at the
+        head)."""
+        while self._queue and (len(self._queue) > keep or self._queue[0].done()):
+            self._report(self._queue.popleft().result())
 
     def compare(
         self,
@@ -640,22 +673,38 @@ class TreeComparer:
         if not self._renames.hold(side, path, st, tree.path(path)):
             self._report(_only(side, tree, path, st))
 
-    def _finish(self) -> None:
+    def _finish(self, pool: ThreadPoolExecutor) -> None:
         renamed_dirs: dict[str, str] = {}
+        waiting: deque[tuple[_Pending, _Pending, Future[Change | None]]] = deque()
         for old, new in self._renames.pairs():
-            change = self.compare(old.path, new.path, old.st, new.st, renamed=True)
-            assert change is not None
-            if stat.S_ISDIR(new.st.st_mode):
-                renamed_dirs[old.path] = new.path
-            if change.change == "renamed" and _moved_along(old.path, new.path, renamed_dirs):
-                self.moved_with_parent += 1
-                continue
-            change.change = "renamed"
-            change.renamed_from = old.path
-            self._report(change)
+            compared = pool.submit(self.compare, old.path, new.path, old.st, new.st, renamed=True)
+            waiting.append((old, new, compared))
+            while len(waiting) > IN_FLIGHT:
+                self._renamed(*waiting.popleft(), renamed_dirs)
+        while waiting:
+            self._renamed(*waiting.popleft(), renamed_dirs)
         for side, pending in self._renames.leftovers():
             tree = self.a if side == "a" else self.b
             self._report(_only(side, tree, pending.path, pending.st))
+
+    def _renamed(
+        self,
+        old: _Pending,
+        new: _Pending,
+        compared: Future[Change | None],
+        renamed_dirs: dict[str, str],
+    ) -> None:
+        """Report one rename, in order of the new path (so parents come before children)."""
+        change = compared.result()
+        assert change is not None
+        if stat.S_ISDIR(new.st.st_mode):
+            renamed_dirs[old.path] = new.path
+        if change.change == "renamed" and _moved_along(old.path, new.path, renamed_dirs):
+            self.moved_with_parent += 1
+            return
+        change.change = "renamed"
+        change.renamed_from = old.path
+        self._report(change)
 
 
 def _moved_along(old: str, new: str, renamed_dirs: dict[str, str]) -> bool:
