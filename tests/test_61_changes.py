@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,11 +29,13 @@ from ebsfuse.emulator import Emulator
 from .conftest import (
     allocated_blocks,
     assert_one_line_failure,
+    ebsfuse_cmd,
     loops_backed_by,
     mounts_under,
     needs_fuse,
     needs_root,
     run_ebsfuse,
+    wait_for,
 )
 
 MIB = 1024 * 1024
@@ -152,6 +156,8 @@ def fill(root: Path, fstype: str) -> dict[str, Any]:
     (root / "stomp.bin").write_bytes(rng.randbytes(MIB))
     (root / "dir" / "sub").mkdir(parents=True)
     (root / "dir" / "sub" / "deep.txt").write_bytes(b"deep\n")
+    (root / "olddir").mkdir()
+    (root / "olddir" / "child.txt").write_bytes(b"moves along\n")
     os.symlink("target1", root / "link")
     os.chmod(root / "chmod.sh", 0o644)
     os.sync()
@@ -173,6 +179,7 @@ def change(root: Path, fstype: str, kept: dict[str, Any]) -> None:
         os.chown(root / "chown.dat", 1000, 1000)
     os.utime(root / "touch.txt", (1_700_000_000, 1_700_000_000))
     os.rename(root / "rename-old.txt", root / "rename-new.txt")
+    os.rename(root / "olddir", root / "newdir")
     os.unlink(root / "link")
     os.symlink("target2", root / "link")
     stomp = kept["stomp"]
@@ -250,6 +257,8 @@ def assert_day_two(found: dict[str, dict[str, Any]], fstype: str) -> None:
         # No birth time through ntfs-3g's stat: a rename is a delete and an add.
         assert found["/rename-old.txt"]["change"] == "deleted"
         assert found["/rename-new.txt"]["change"] == "added"
+        assert found["/olddir/child.txt"]["change"] == "deleted"
+        assert found["/newdir/child.txt"]["change"] == "added"
     else:
         assert found["/chmod.sh"]["change"] == "metadata"
         assert found["/chmod.sh"]["after"]["mode"] == "0700"
@@ -258,6 +267,10 @@ def assert_day_two(found: dict[str, dict[str, Any]], fstype: str) -> None:
         renamed = found["/rename-new.txt"]
         assert renamed["change"] == "renamed" and renamed["from"] == "/rename-old.txt"
         assert "/rename-old.txt" not in found
+        moved = found["/newdir"]
+        assert moved["change"] == "renamed" and moved["from"] == "/olddir"
+        # Its child moved with it and is otherwise the same: counted in a note, not listed.
+        assert not {"/olddir/child.txt", "/newdir/child.txt"} & set(found)
 
 
 @needs_fuse
@@ -338,7 +351,9 @@ def test_the_table_a_prefix_and_unrelated_snapshots(
         for r in rows
     ), rows
     assert any(r.split()[:3] == ["renamed", "file", "/rename-new.txt"] for r in rows), rows
-    assert rows[-1].startswith("11 changes from") and "1 added, 1 deleted, 3 modified" in rows[-1]
+    assert rows[-1].startswith("12 changes from") and "1 added, 1 deleted, 3 modified" in rows[-1]
+    assert "5 metadata only, 2 renamed" in rows[-1]
+    assert "note: 1 entries moved with a renamed directory" in done.stderr
     assert "\r" not in done.stderr  # no progress line when nobody watches
 
     under, summary = run_changes(env, "--path", "dir/sub/..", pair.first, pair.second)
@@ -402,4 +417,41 @@ def test_bad_input_is_one_line_and_leaves_nothing_mounted(
     emu.set_faults(denied_access_keys=env["AWS_ACCESS_KEY_ID"])
     denied = run_ebsfuse("changes", first, no_table, env=env)
     assert_one_line_failure(denied, "AccessDeniedException")
+    nothing_left()
+
+
+@needs_fuse
+@needs_root
+@pytest.mark.timeout(240)
+def test_a_progress_line_on_a_terminal_and_ctrl_c_leaves_nothing_mounted(
+    build: Any, emu: Emulator, env: dict[str, str]
+) -> None:
+    pair = build("ext4")
+    command = shlex.join(ebsfuse_cmd("changes", pair.first, pair.second))
+    # script(1) gives the command a terminal for stdout and stderr, as a person has.
+    shown = subprocess.run(
+        ["script", "-qec", command, "/dev/null"], env=env, capture_output=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stdout
+    assert b"comparing entries [" in shown.stdout and b"\r" in shown.stdout
+    assert b"12 changes from" in shown.stdout
+
+    # Interrupted while a changed block of the second snapshot is being read.
+    gates = [emu.gate(pair.second, index) for index in sorted(pair.changed_blocks)]
+    proc = subprocess.Popen(
+        ebsfuse_cmd("changes", pair.first, pair.second),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: any(gate.arrived for gate in gates), what="a read of a changed block")
+        proc.send_signal(signal.SIGINT)
+    finally:
+        for gate in gates:
+            gate.release()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "ebsfuse: interrupted; nothing is left mounted"
     nothing_left()

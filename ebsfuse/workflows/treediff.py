@@ -462,23 +462,27 @@ Pair = tuple[str, os.stat_result | None, os.stat_result | None]
 
 def walk_pair(a: Side, b: Side, rel: str = "/") -> Iterator[Pair]:
     """(path, stat in A or None, stat in B or None) for every entry under `rel` in either tree,
-    depth first in sorted order; `rel` itself first."""
-    st_a = _lstat(a.path(rel))
-    st_b = _lstat(b.path(rel))
+    as `find` lists one tree: `rel` first, then depth first, each directory in sorted order.
+    Each level of the descent holds its directory's listing of both sides."""
+    st_a, st_b = _lstat(a.path(rel)), _lstat(b.path(rel))
     yield rel, st_a, st_b
-    stack = [(rel, _is_dir(st_a), _is_dir(st_b))]
+    stack = [_entries(a, b, rel, _is_dir(st_a), _is_dir(st_b))]
     while stack:
-        directory, in_a, in_b = stack.pop()
-        listed_a = _listing(a, directory) if in_a else {}
-        listed_b = _listing(b, directory) if in_b else {}
-        children = []
-        for name in sorted(listed_a.keys() | listed_b.keys()):
-            path = os.path.join(directory, name)
-            child_a, child_b = listed_a.get(name), listed_b.get(name)
-            yield path, child_a, child_b
-            if _is_dir(child_a) or _is_dir(child_b):
-                children.append((path, _is_dir(child_a), _is_dir(child_b)))
-        stack.extend(reversed(children))
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        yield entry
+        path, child_a, child_b = entry
+        if _is_dir(child_a) or _is_dir(child_b):
+            stack.append(_entries(a, b, path, _is_dir(child_a), _is_dir(child_b)))
+
+
+def _entries(a: Side, b: Side, directory: str, in_a: bool, in_b: bool) -> Iterator[Pair]:
+    listed_a = _listing(a, directory) if in_a else {}
+    listed_b = _listing(b, directory) if in_b else {}
+    for name in sorted(listed_a.keys() | listed_b.keys()):
+        yield os.path.join(directory, name), listed_a.get(name), listed_b.get(name)
 
 
 def _lstat(path: str) -> os.stat_result | None:
