@@ -230,6 +230,11 @@ class Chain:
     # mounted at its own target (`changes` reads two; one daemon lets them share blocks).
     companions: list[str] = field(default_factory=list)
     companion_targets: list[str] = field(default_factory=list)
+    # Loop devices with direct I/O: several reads of the image in flight at once, where the
+    # buffered loop device reads one at a time. Right for scattered reads (`changes`: 4.4 s
+    # against 7.8-9.6 s on bench-changes' 4 GiB run), wrong for streaming ones (its restores:
+    # 34-36 s against 13-15 s, without the image's page cache and readahead).
+    direct_io: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -308,7 +313,7 @@ class Chain:
 
     def attach(self, selected: Selected) -> str:
         self.selected = selected
-        self.device = _attach_loop(selected.path)
+        self.device = _attach_loop(selected.path, self.direct_io)
         return self.device
 
     def mount_filesystem(self) -> None:
@@ -318,7 +323,7 @@ class Chain:
     def mount_companion(self, snapshot_id: str, selected: Selected, target: str) -> None:
         """A companion's `selected` filesystem at `target`, by its own read-only loop device."""
         assert snapshot_id in self.companions
-        device = _attach_loop(selected.path)
+        device = _attach_loop(selected.path, self.direct_io)
         self.companion_targets.append(target)
         _mount_read_only(selected, device, target)
 
@@ -436,8 +441,9 @@ class Chain:
             self._proc.wait()
 
 
-def _attach_loop(path: str) -> str:
-    done = _run(["losetup", "-r", "-f", "--show", path])
+def _attach_loop(path: str, direct_io: bool) -> str:
+    extra = ["--direct-io=on"] if direct_io else []
+    done = _run(["losetup", "-r", *extra, "-f", "--show", path])
     if done.returncode != 0:
         raise EbsfuseError(f"cannot attach a loop device: {_last_line(done)}")
     return done.stdout.strip()

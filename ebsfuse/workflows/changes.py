@@ -143,7 +143,9 @@ def _compare_through_chain(
     private = os.path.join(runtime_dir(), f"changes-{os.getpid()}-{secrets.token_hex(4)}")
     os.makedirs(private, mode=0o700)
     target_a, target_b = os.path.join(private, "a"), os.path.join(private, "b")
-    chain = Chain(job.first, private, target_a, owns_target=True, companions=[job.second])
+    chain = Chain(
+        job.first, private, target_a, owns_target=True, companions=[job.second], direct_io=True
+    )
     try:
         chain.start_daemon(opts)
         selected_a, selected_b = _select_both(chain, job)
