@@ -169,3 +169,22 @@ def test_the_walk_is_depth_first_in_sorted_order_across_both_trees(workdir: Path
         ("/x/y/2", True, False),
         ("/z", True, False),
     ]
+
+
+def test_a_filesystem_the_service_vouches_for_is_not_read(workdir: Path) -> None:
+    """When no block of the filesystem's range changed, its files are not read (NTFS would
+    otherwise read them all); here two different files prove that nothing was looked at."""
+    a, b = workdir / "a", workdir / "b"
+    write(a / "f", b"one")
+    write(b / "f", b"two")
+    for side in (a, b):
+        os.utime(side / "f", ns=(0, 10**18))
+    evidence = Evidence(ChangedBlocks(8), unchanged=True)
+    found: list[Change] = []
+    comparer = TreeComparer(Side(str(a)), Side(str(b)), evidence, found.append)
+    comparer.run("/f")
+    assert found == [] and comparer.judge.bytes_read == 0
+    evidence.deep = True  # --deep reads anyway
+    comparer = TreeComparer(Side(str(a)), Side(str(b)), evidence, found.append)
+    comparer.run("/f")
+    assert [c.change for c in found] == ["modified"]

@@ -455,3 +455,27 @@ def test_a_progress_line_on_a_terminal_and_ctrl_c_leaves_nothing_mounted(
     assert proc.returncode == 130, err
     assert err.strip() == "ebsfuse: interrupted; nothing is left mounted"
     nothing_left()
+
+
+@needs_fuse
+@needs_root
+@pytest.mark.timeout(240)
+def test_blocks_changed_outside_the_partition_change_no_file(
+    emu: Emulator, env: dict[str, str], workdir: Path
+) -> None:
+    volume = Volume(emu, workdir, "ext4", start_sector=2048)
+    try:
+        with volume as root:
+            (root / "a.txt").write_bytes(b"a\n")
+        first, _ = volume.snapshot()
+        with open(volume.image, "r+b") as f:
+            f.seek(BLOCK_SIZE)  # between the partition table and the partition (at 1 MiB)
+            f.write(b"a boot loader's stage 1.5")
+        second, changed = volume.snapshot()
+    finally:
+        volume.__exit__()
+    assert changed == {1}
+    found, summary = run_changes(env, first, second)
+    assert found == {} and summary["changed_blocks"] == 1
+    assert summary["changed_blocks_in_filesystem"] == 0 and summary["bytes_compared"] == 0
+    assert "no block of the filesystem changed: its files are the same" in summary["notes"]

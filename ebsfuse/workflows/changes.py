@@ -214,6 +214,7 @@ def _evidence(
                 "to files, so every file present in both was read and compared"
             )
         elif not result.changed_blocks_in_filesystem:
+            evidence.unchanged = True
             result.notes.append("no block of the filesystem changed: its files are the same")
     if deep:
         result.method = "read"

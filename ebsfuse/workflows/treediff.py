@@ -96,6 +96,9 @@ class Evidence:
     offset_b: int = 0
     extents: bool = False  # FIEMAP gives device offsets on this filesystem (ext*, XFS)
     deep: bool = False  # read every file of equal size in both, whatever the evidence
+    # The service listed no changed block in the filesystem's byte range: its files are the
+    # same, and none is read (unless `deep`).
+    unchanged: bool = False
 
     @property
     def by_extents(self) -> bool:
@@ -664,8 +667,7 @@ class TreeComparer:
 
     def _may_differ(self) -> bool:
         """False only when the service vouches that no block of the filesystem changed."""
-        changed = self.evidence.changed
-        return changed is None or self.evidence.deep or changed.count > 0
+        return self.evidence.deep or not self.evidence.unchanged
 
     def _report(self, change: Change | None) -> None:
         if change is not None:
