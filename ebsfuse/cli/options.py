@@ -50,6 +50,21 @@ def cache_size(text: str) -> int:
     return size
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def default_fetch_workers() -> int:
+    """One fetch worker process per core: each keeps at most one core busy."""
+    return max(1, os.cpu_count() or 1)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -233,6 +248,13 @@ def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
         help="daemon log level (default INFO)",
     )
     p.add_argument("--log-file", help="daemon log file (default: syslog when in the background)")
+    p.add_argument(
+        "--fetch-workers",
+        type=nonnegative_int,
+        metavar="N",
+        help="processes that fetch and verify blocks beside the daemon, each with its own "
+        "interpreter (default: one per core; 0: threads of the daemon)",
+    )
 
 
 def mount_options(
@@ -257,5 +279,6 @@ def mount_options(
         cache_dir=cache_dir_of(args),
         cache_dir_size=args.cache_dir_size,
         base_ids=list(args.base_ids),
+        fetch_workers=default_fetch_workers() if args.fetch_workers is None else args.fetch_workers,
         **extra,  # type: ignore[arg-type]
     )

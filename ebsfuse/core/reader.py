@@ -37,6 +37,7 @@ re-issue fails at once instead of starting a new budget.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import inspect
@@ -46,7 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import cachetools
 import trio
@@ -58,6 +59,9 @@ from ..ebs.retry import MIN_ATTEMPT_S, Attempts, RetryPolicy, call_with_retries
 from .blockmap import BlockMap, V
 from .diskcache import DiskCache
 from .stats import ReadStats
+
+if TYPE_CHECKING:
+    from .fetchpool import FetchPool
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +91,17 @@ ABANDON_ON_CANCEL = (
 )
 
 
-def attempt_by(policy: RetryPolicy, request: Callable[..., T], wall_deadline: float) -> T:
-    """In a worker thread: `request` with what is left of the budget, if enough is."""
+def attempt_timeout(policy: RetryPolicy, wall_deadline: float) -> float:
+    """What an attempt starting now may take of what is left of the budget, if enough is."""
     left = wall_deadline - time.monotonic()
     if left < MIN_ATTEMPT_S:
         raise NotSent(f"the {policy.budget_s:g} s budget was spent waiting")
-    return request(timeout=policy.attempt_timeout(left))
+    return policy.attempt_timeout(left)
+
+
+def attempt_by(policy: RetryPolicy, request: Callable[..., T], wall_deadline: float) -> T:
+    """In a worker thread: `request` with what is left of the budget, if enough is."""
+    return request(timeout=attempt_timeout(policy, wall_deadline))
 
 
 @dataclass
@@ -204,6 +213,8 @@ class FetchContext:
         # Disk reads get threads of their own: a cached block is not queued behind 64
         # requests to the service.
         self.disk_limiter = trio.CapacityLimiter(DISK_THREADS)
+        # Fetch worker processes (the daemon's, `--fetch-workers`); None: threads fetch.
+        self.pool: FetchPool | None = None
 
     def close(self) -> None:
         if self.disk is not None:
@@ -229,9 +240,11 @@ class FetchContext:
         deadline: float,
         *,
         count_requests: bool = False,
+        awaited: bool = False,
     ) -> T:
-        """`request(timeout=...)` in a worker thread under the concurrency limit, retried by
-        the policy until trio's clock reaches `deadline`; the error raised carries its attempts.
+        """`request(timeout=...)` in a worker thread under the concurrency limit (or awaited,
+        if `awaited`), retried by the policy until trio's clock reaches `deadline`; the error
+        raised carries its attempts.
 
         The trio driver of the one retry loop (`retry.Attempts`), for everything the pipeline
         sends: block fetches (`count_requests` adds each request sent to `stats.get_requests`)
@@ -244,13 +257,7 @@ class FetchContext:
         attempts = Attempts(self.policy, lambda: deadline - trio.current_time())
         while True:
             try:
-                result = await trio.to_thread.run_sync(
-                    self._attempt,
-                    request,
-                    wall_deadline,
-                    limiter=self.limiter,
-                    **ABANDON_ON_CANCEL,
-                )
+                result = await self._attempt(request, wall_deadline, awaited)
             except EbsError as error:
                 if count_requests and not isinstance(error, NotSent):
                     stats.get_requests += 1  # here, on the trio thread: no lost updates
@@ -262,8 +269,18 @@ class FetchContext:
                 return result
             await trio.sleep(delay)
 
-    def _attempt(self, request: Callable[..., T], wall_deadline: float) -> T:
-        return attempt_by(self.policy, request, wall_deadline)
+    async def _attempt(
+        self, request: Callable[..., Any], wall_deadline: float, awaited: bool
+    ) -> Any:
+        """One attempt under the concurrency limit: `request(timeout=)` in a worker thread, or
+        awaited here when it hands its work to a fetch worker process (`awaited`)."""
+        if awaited:
+            async with self.limiter:
+                return await request(timeout=attempt_timeout(self.policy, wall_deadline))
+        return await trio.to_thread.run_sync(
+            attempt_by, self.policy, request, wall_deadline, limiter=self.limiter,
+            **ABANDON_ON_CANCEL,
+        )  # fmt: skip
 
     def remember_failure(self, key: Key, error: EbsError) -> None:
         # The monotonic clock, not trio's: trio's starts anew (at a random offset) in each run.
@@ -285,8 +302,11 @@ class FetchContext:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Enables prefetching for the duration: background fetches live in this nursery."""
+        """Enables prefetching for the duration: background fetches live in this nursery, and
+        the fetch workers when there are any."""
         async with trio.open_nursery() as nursery:
+            if self.pool is not None:
+                await nursery.start(self.pool.serve)
             self._nursery = nursery
             try:
                 yield
@@ -428,6 +448,21 @@ class SnapshotReader:
             self.ctx.on_fetched(self.snapshot_id, index, data)
         return data, seconds
 
+    async def _pooled_get(self, index: int, token: str, *, timeout: float) -> tuple[bytes, float]:
+        """`_timed_get` through a fetch worker process: the audit line and the disk tier are
+        the daemon's to write, from the worker's answer."""
+        ctx = self.ctx
+        assert ctx.pool is not None
+        data, checksum, seconds = await ctx.pool.get(self.snapshot_id, index, token, timeout)
+        if ctx.client.audit is not None:
+            ctx.client.audit.record(self.snapshot_id, index, len(data), checksum)
+        if ctx.disk is not None:
+            digest = base64.b64decode(checksum)
+            await trio.to_thread.run_sync(
+                ctx.disk.put, self.snapshot_id, index, data, digest, limiter=ctx.disk_limiter
+            )
+        return data, seconds
+
     def fetch_blocking(self, index: int, token: str, stop: threading.Event) -> Fetched:
         """In a worker thread of a bulk stream: the verified block from the disk tier, or
         fetched under the policy's retry loop and budget (`call_with_retries`, the blocking
@@ -550,9 +585,12 @@ class SnapshotReader:
         return None
 
     async def _fetch(self, index: int, token: str, deadline: float) -> bytes:
-        request = functools.partial(self._timed_get, index, token)
+        pooled = self.ctx.pool is not None
+        request: Callable[..., Any] = functools.partial(
+            self._pooled_get if pooled else self._timed_get, index, token
+        )
         data, seconds = await self.ctx.with_retries(
-            request, self.stats, deadline, count_requests=True
+            request, self.stats, deadline, count_requests=True, awaited=pooled
         )
         self.stats.latency.add(seconds)  # here, on the trio thread: no lost updates
         self.stats.bytes_fetched += len(data)

@@ -85,24 +85,33 @@ class RateLimiter:
     def acquire(self, deadline: float) -> bool:
         """Wait for this request's turn; False (and no token taken) if it would come after
         `deadline` (a `time.monotonic()` value)."""
+        wait = self.reserve(deadline)
+        if wait is None:
+            return False
+        if wait > 0:
+            self._sleep(wait)
+        return True
+
+    def reserve(self, deadline: float) -> float | None:
+        """Take this request's turn without waiting for it: the seconds to wait before
+        sending, or None (and no token taken) if the turn would come after `deadline`. For a
+        caller that waits its own way (the daemon's trio thread)."""
         with self._lock:
             now = self._clock()
             rate = self._rate(now)
             if rate is None:
                 self._count(now)
-                return True
+                return 0.0
             capacity = max(1.0, rate * BURST_S)
             self._tokens = min(capacity, self._tokens + (now - self._stamp) * rate)
             self._stamp = now
             wait = (1.0 - self._tokens) / rate if self._tokens < 1.0 else 0.0
             if now + wait > deadline:
-                return False
+                return None
             self._tokens -= 1.0  # reserved now: later callers queue behind this one
             self.waited_s += wait
             self._count(now)
-        if wait > 0:
-            self._sleep(wait)
-        return True
+        return wait
 
     def throttled(self) -> None:
         """The service asked us to slow down."""
@@ -141,3 +150,14 @@ class RateLimiter:
             "rate_cuts": self.cuts,
             "waited_s": round(self.waited_s, 3),
         }
+
+
+class Unpaced(RateLimiter):
+    """No pacing and no learning: for a fetch worker process, whose requests the daemon paces
+    with its own limiter (one rate for the whole mount, as above)."""
+
+    def reserve(self, deadline: float) -> float | None:
+        return 0.0
+
+    def throttled(self) -> None:
+        return None

@@ -85,6 +85,8 @@ class MountOptions:
     filters: list[str] = field(default_factory=list)  # the AWS CLI's --filters values
     owner_ids: list[str] = field(default_factory=list)
     catalog_ttl_s: float = DEFAULT_TTL_S
+    # Processes that fetch and verify blocks beside the daemon (0: threads of the daemon).
+    fetch_workers: int = 0
 
     @property
     def is_catalogue(self) -> bool:
@@ -139,6 +141,7 @@ class MountOptions:
             argv.append("--allow-other")
         if not self.kernel_tuning:
             argv.append("--no-kernel-tuning")
+        argv += ["--fetch-workers", str(self.fetch_workers)]
         return [*argv, "--", *self.snapshot_ids, self.mountpoint]
 
 
@@ -369,6 +372,13 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
     if opts.cache_dir:
         ctx.disk = DiskCache(opts.cache_dir, opts.cache_dir_size)
         log.info("disk cache %s: up to %d bytes", ctx.disk.directory, ctx.disk.max_bytes)
+    if opts.fetch_workers:
+        from ..core.fetchpool import FetchPool
+
+        ctx.pool = FetchPool(
+            client.settings, opts.fetch_workers, opts.max_concurrency, client.rate_limiter
+        )
+        log.info("%d fetch worker processes", opts.fetch_workers)
     lineage = Lineage(ctx)
     images = ImageSet(ctx, lineage)
     catalog = open_catalogue(opts) if opts.is_catalogue else fixed_catalogue(opts, client, images)

@@ -1,0 +1,237 @@
+"""Fetch worker processes: the daemon's GetSnapshotBlock requests, made in other interpreters.
+
+Measured (#16): a cold block cost the daemon 1.2-2.0 ms of CPU, its parts about 0.65 (FUSE
+0.15, one GET with its SHA-256 0.5); the rest was 64 threads and the trio thread sharing one
+GIL. Here each worker process (`ebs.fetchworker`) fetches and verifies with its own GIL, and
+writes the verified bytes into a slot of memory shared with the daemon (a memfd). The daemon
+sends a few hundred bytes, receives a few dozen, and copies the block out of its slot once.
+
+Protocol, all on the trio thread, no `await` between the steps of each line:
+1. `get` takes a free slot (at most `slots` requests in flight, so the shared memory is
+   bounded), registers a waiter under a new request id, and sends the request to the worker
+   with the fewest in flight.
+2. Each worker's reader task receives answers and wakes the waiter of each.
+3. The waiter copies its slot's bytes and frees the slot.
+4. A waiter cancelled (budget spent, shutdown) leaves its slot to be freed when its answer
+   arrives: the worker's request has its own deadline, so the answer does arrive.
+5. A worker that dies fails its waiting requests with a retryable error and is started again.
+Retries, tokens, single flight, the budget and counting stay in the reader, unchanged: a worker
+makes one attempt and says how it went.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import trio
+
+from .. import BLOCK_SIZE
+from ..ebs.errors import EbsError, NotSent
+from ..ebs.fetchworker import MAX_MESSAGE, error_from
+from ..ebs.ratelimit import RateLimiter
+from ..ebs.settings import ClientSettings
+
+log = logging.getLogger(__name__)
+
+# How long a worker asked to stop may take before it is killed: it only finishes requests
+# whose deadlines are seconds away, and nothing it holds needs saving.
+STOP_TIMEOUT_S = 5.0
+
+
+class _Waiter:
+    __slots__ = ("abandoned", "answer", "event", "slot", "worker")
+
+    def __init__(self, slot: int, worker: _Worker) -> None:
+        self.slot = slot
+        self.worker = worker
+        self.event = trio.Event()
+        self.answer: tuple[Any, ...] | None = None
+        self.abandoned = False
+
+
+class _Worker:
+    """One worker process and the daemon's end of its socket."""
+
+    def __init__(self, number: int, arguments: list[str], memfd: int) -> None:
+        self.number = number
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        module = [sys.executable, "-m", "ebsfuse.ebs.fetchworker"]
+        self.process = subprocess.Popen(
+            [*module, str(theirs.fileno()), str(memfd), *arguments],
+            pass_fds=(theirs.fileno(), memfd),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.sock = trio.socket.from_stdlib_socket(ours)
+        self.busy = 0
+
+    def stop(self) -> None:
+        self.sock.close()  # the worker reads EOF and ends
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class FetchPool:
+    """`get` a verified block through worker processes; run `serve` in a nursery first."""
+
+    def __init__(
+        self, settings: ClientSettings, processes: int, slots: int, limiter: RateLimiter
+    ) -> None:
+        self.processes = processes
+        self.slots = slots
+        # One rate for the whole mount, as with threads: the daemon paces every request and
+        # learns from every throttling answer; the workers do neither.
+        self.limiter = limiter
+        threads = -(-slots // processes)  # each worker can hold its share of the requests
+        fields = dataclasses.asdict(settings) | {
+            "max_rps": None,
+            "max_pool_connections": threads,
+            "audit_log": None,  # the daemon writes the audit log, from the answers
+        }
+        self._arguments = [str(slots), str(threads), json.dumps(fields)]
+        self._memfd = os.memfd_create("ebsfuse-blocks", os.MFD_CLOEXEC)
+        os.ftruncate(self._memfd, slots * BLOCK_SIZE)
+        self._memory = mmap.mmap(self._memfd, slots * BLOCK_SIZE)
+        self._view = memoryview(self._memory)
+        self._free = list(range(slots))
+        self._turns = trio.Semaphore(slots)
+        self._waiting: dict[int, _Waiter] = {}
+        self._ids = itertools.count()
+        self._workers: list[_Worker] = []
+        self._broken: EbsError | None = None
+        self._closed = False
+        self.started = 0  # worker processes started, restarts included
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers and read their answers until cancelled; then stop them."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for number in range(self.processes):
+                    self._workers.append(self._start(number))
+                    nursery.start_soon(self._read, number)
+                task_status.started()
+        finally:
+            self.close()
+
+    def _start(self, number: int) -> _Worker:
+        self.started += 1
+        return _Worker(number, self._arguments, self._memfd)
+
+    async def get(
+        self, snapshot_id: str, index: int, token: str, timeout: float
+    ) -> tuple[bytes, str, float]:
+        """(verified block, its base64 SHA-256, seconds the request took), or EbsError."""
+        if self._broken is not None:
+            raise self._broken.fresh()
+        wait = self.limiter.reserve(time.monotonic() + timeout)
+        if wait is None:
+            rate = self.limiter.rps or 0.0
+            raise NotSent(
+                f"the request rate ({rate:.1f}/s, lowered by throttling or --max-rps) "
+                f"leaves no turn within {timeout:.1f} s"
+            )
+        if wait:
+            await trio.sleep(wait)
+            timeout -= wait
+        async with self._turns:
+            slot = self._free.pop()
+            worker = min(self._workers, key=lambda w: w.busy)
+            waiter = _Waiter(slot, worker)
+            request_id = next(self._ids)
+            self._waiting[request_id] = waiter
+            worker.busy += 1
+            request = (request_id, slot, snapshot_id, index, token, timeout)
+            try:
+                await worker.sock.send(pickle.dumps(request))
+                await waiter.event.wait()
+            except BaseException:
+                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+                raise
+            return self._take(waiter)
+
+    def _take(self, waiter: _Waiter) -> tuple[bytes, str, float]:
+        answer = waiter.answer
+        assert answer is not None
+        _, error, checksum, seconds = answer
+        data = None if error else bytes(self._view[waiter.slot * BLOCK_SIZE :][:BLOCK_SIZE])
+        self._free.append(waiter.slot)
+        if error:
+            failure = error_from(error)
+            if failure.throttled:
+                self.limiter.throttled()
+            raise failure
+        assert data is not None
+        return data, checksum, seconds
+
+    async def _read(self, number: int) -> None:
+        while True:
+            worker = self._workers[number]
+            try:
+                message = await worker.sock.recv(MAX_MESSAGE)
+            except OSError:
+                message = b""
+            if message:
+                self._settle(pickle.loads(message))
+                continue
+            self._lost(worker)
+            if self._closed or self._broken is not None:
+                return
+            self._workers[number] = self._start(number)
+
+    def _settle(self, answer: tuple[Any, ...]) -> None:
+        if answer[0] == -1:  # the worker could not make its client: nothing will work
+            self._broken = error_from(answer[1])
+            log.error("fetch workers cannot start: %s", self._broken)
+            return
+        waiter = self._waiting.pop(answer[0], None)
+        if waiter is None:
+            return
+        waiter.worker.busy -= 1
+        waiter.answer = answer
+        if waiter.abandoned:
+            self._free.append(waiter.slot)
+        else:
+            waiter.event.set()
+
+    def _lost(self, worker: _Worker) -> None:
+        """A worker ended: its requests fail, to be retried (by another, or its successor)."""
+        code = worker.process.poll()
+        if not self._closed:
+            log.warning("fetch worker %d ended (status %s): starting another", worker.number, code)
+        failure = {
+            "message": f"fetch worker ended (status {code})",
+            "code": "WorkerLost",
+            "retryable": True,
+        }
+        for request_id, waiter in list(self._waiting.items()):
+            if waiter.worker is worker:
+                self._settle((request_id, failure, None, 0.0))
+        worker.stop()
+
+    def close(self) -> None:
+        """Stop every worker (each reads EOF); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.stop()
+        self._view.release()
+        self._memory.close()
+        os.close(self._memfd)
