@@ -15,6 +15,7 @@ nothing. It ends when the daemon closes the socket, and is killed if the daemon 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -25,7 +26,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import BLOCK_SIZE
@@ -80,12 +80,26 @@ class Worker:
         self._send_lock = threading.Lock()
 
     def serve(self, threads: int) -> None:
-        with ThreadPoolExecutor(threads, thread_name_prefix="fetch") as pool:
-            while True:
-                message = self._sock.recv(MAX_MESSAGE)
-                if not message:
-                    return  # the daemon closed its end: nothing more to do
-                pool.submit(self._answer, pickle.loads(message))
+        """`threads` threads each receive a request (a datagram goes to exactly one of them),
+        answer it, and receive the next: no queue between receiving and fetching."""
+        workers = [
+            threading.Thread(target=self._loop, name=f"fetch-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    def _loop(self) -> None:
+        while True:
+            message = self._sock.recv(MAX_MESSAGE)
+            if not message:
+                # The daemon closed its end; wake the other threads with EOF as well.
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                return
+            self._answer(pickle.loads(message))
 
     def _answer(self, request: Request) -> None:
         request_id, slot, snapshot_id, index, token, timeout = request
