@@ -1,0 +1,120 @@
+"""Fetch worker processes (`--fetch-workers`): real mounts against the emulator.
+
+A worker fetches and verifies; everything else stays the daemon's. So these check what the
+split could break: the bytes and the audit log are the same through workers as through threads,
+a worker killed in the middle of a read costs a retry and not the read (nor the daemon), the
+workers end with the daemon however it ends, and 0 means threads. The hostile-service tests
+(test_43) run through the default, which is workers wherever there are two cores or more.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ebsfuse import BLOCK_SIZE
+from ebsfuse.emulator import Emulator
+
+from .conftest import MountedSnapshots, daemon_pids, needs_fuse, wait_for
+
+
+def workers_of(daemon: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon and b"fetchworker" in argv:
+            found.append(int(entry))
+    return found
+
+
+def all_workers() -> list[int]:
+    done = subprocess.run(["pgrep", "-f", "ebsfuse.ebs.fetchworker"], capture_output=True)
+    return [int(pid) for pid in done.stdout.split()]
+
+
+@pytest.fixture
+def snapshot(emu: Emulator) -> tuple[str, dict[int, bytes]]:
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(0, 64, 2)}
+    return emu.create_snapshot(blocks=blocks, volume_size_gib=1), blocks
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_workers_give_the_same_bytes_and_audit_lines_as_threads(
+    env: dict[str, str], workdir: Path, snapshot: tuple[str, dict[int, bytes]]
+) -> None:
+    sid, blocks = snapshot
+    digests = {}
+    for workers in ("2", "0"):
+        audit = workdir / f"audit-{workers}.jsonl"
+        mnt = workdir / f"mnt-{workers}"
+        extra = ("--fetch-workers", workers, "--audit-log", str(audit))
+        with MountedSnapshots(mnt, [sid], env, *extra) as mount:
+            daemon = daemon_pids(mnt)[0]
+            assert len(workers_of(daemon)) == int(workers)
+            with open(mount.image(), "rb") as f:
+                digests[workers] = hashlib.sha256(f.read(64 * BLOCK_SIZE)).hexdigest()
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert sorted(line["block"] for line in lines) == sorted(blocks)
+        for line in lines:
+            expected = hashlib.sha256(blocks[line["block"]]).digest()
+            assert line["sha256"] == base64.b64encode(expected).decode()
+    expected_image = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(64))
+    assert digests["2"] == digests["0"] == hashlib.sha256(expected_image).hexdigest()
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_a_worker_killed_during_a_read_costs_a_retry_not_the_read(
+    emu: Emulator, env: dict[str, str], workdir: Path, snapshot: tuple[str, dict[int, bytes]]
+) -> None:
+    sid, blocks = snapshot
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--fetch-workers", "1") as mount:
+        daemon = daemon_pids(mount.mountpoint)[0]
+        (first,) = workers_of(daemon)
+        gate = emu.gate(sid, 10)
+        reader = subprocess.Popen(
+            ["dd", f"if={mount.image()}", "bs=512K", "skip=10", "count=1", "status=none"],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: gate.arrived > 0, what="the worker's request to arrive")
+            os.kill(first, signal.SIGKILL)
+            wait_for(lambda: workers_of(daemon) not in ([], [first]), what="a new worker")
+        finally:
+            gate.release()
+        data, _ = reader.communicate(timeout=60)
+        assert reader.returncode == 0 and data == blocks[10]
+        assert "fetch worker 0 ended" in mount.log()
+        assert daemon_pids(mount.mountpoint) == [daemon]  # the daemon lives on
+    assert not all_workers()  # unmounted: its worker ended with it
+
+
+@needs_fuse
+@pytest.mark.timeout(120)
+def test_workers_die_with_a_killed_daemon(
+    env: dict[str, str], workdir: Path, snapshot: tuple[str, dict[int, bytes]]
+) -> None:
+    sid, _ = snapshot
+    with MountedSnapshots(workdir / "mnt", [sid], env, "--fetch-workers", "2") as mount:
+        daemon = daemon_pids(mount.mountpoint)[0]
+        workers = workers_of(daemon)
+        assert len(workers) == 2
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(
+            lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
+            what="the workers to end with their daemon",
+        )
