@@ -40,11 +40,6 @@ def workers_of(daemon: int) -> list[int]:
     return found
 
 
-def all_workers() -> list[int]:
-    done = subprocess.run(["pgrep", "-f", "ebsfuse.ebs.fetchworker"], capture_output=True)
-    return [int(pid) for pid in done.stdout.split()]
-
-
 @pytest.fixture
 def snapshot(emu: Emulator) -> tuple[str, dict[int, bytes]]:
     blocks = {i: os.urandom(BLOCK_SIZE) for i in range(0, 64, 2)}
@@ -100,7 +95,12 @@ def test_a_worker_killed_during_a_read_costs_a_retry_not_the_read(
         assert reader.returncode == 0 and data == blocks[10]
         assert "fetch worker 0 ended" in mount.log()
         assert daemon_pids(mount.mountpoint) == [daemon]  # the daemon lives on
-    assert not all_workers()  # unmounted: its worker ended with it
+        successors = workers_of(daemon)
+    # Unmounted: its worker ended with it.
+    wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in successors),
+        what="the worker to end with its daemon",
+    )
 
 
 @needs_fuse

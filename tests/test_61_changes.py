@@ -367,6 +367,19 @@ def test_the_table_a_prefix_and_unrelated_snapshots(
     assert_day_two(alone, "ext4")
 
 
+def one_file_on_a_partition(emu: Emulator, workdir: Path) -> tuple[Volume, str]:
+    """An ext4 partition at 1 MiB holding a.txt, and its first snapshot."""
+    volume = Volume(emu, workdir, "ext4", start_sector=2048)
+    try:
+        with volume as root:
+            (root / "a.txt").write_bytes(b"a\n")
+        first, _ = volume.snapshot()
+    except BaseException:
+        volume.__exit__()
+        raise
+    return volume, first
+
+
 def nothing_left() -> None:
     runtime = Path("/run/ebsfuse")
     assert not mounts_under(runtime) and not loops_backed_by(runtime)
@@ -379,11 +392,8 @@ def nothing_left() -> None:
 def test_bad_input_is_one_line_and_leaves_nothing_mounted(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:
-    volume = Volume(emu, workdir, "ext4", start_sector=2048)
+    volume, first = one_file_on_a_partition(emu, workdir)
     try:
-        with volume as root:
-            (root / "a.txt").write_bytes(b"a\n")
-        first, _ = volume.snapshot()
         with volume as root:
             (root / "a.txt").write_bytes(b"b\n")
         second, _ = volume.snapshot()
@@ -463,11 +473,8 @@ def test_a_progress_line_on_a_terminal_and_ctrl_c_leaves_nothing_mounted(
 def test_blocks_changed_outside_the_partition_change_no_file(
     emu: Emulator, env: dict[str, str], workdir: Path
 ) -> None:
-    volume = Volume(emu, workdir, "ext4", start_sector=2048)
+    volume, first = one_file_on_a_partition(emu, workdir)
     try:
-        with volume as root:
-            (root / "a.txt").write_bytes(b"a\n")
-        first, _ = volume.snapshot()
         with open(volume.image, "r+b") as f:
             f.seek(BLOCK_SIZE)  # between the partition table and the partition (at 1 MiB)
             f.write(b"a boot loader's stage 1.5")

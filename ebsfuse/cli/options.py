@@ -50,16 +50,6 @@ def cache_size(text: str) -> int:
     return size
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
-    return value
-
-
 def default_fetch_workers() -> int:
     """Fetch worker processes for the cores the daemon leaves: one core is the daemon's own
     (FUSE and the trio thread), each other core a worker's. On 2 cores one worker read 459
@@ -68,14 +58,23 @@ def default_fetch_workers() -> int:
     return max(0, (os.cpu_count() or 1) - 1)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def _int_at_least(least: int, what: str) -> Callable[[str], int]:
+    """An argument type: a whole number of at least `least` (`what` says so when not)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r} {what}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1, "must be at least 1")
+nonnegative_int = _int_at_least(0, "is negative")
 
 
 def _positive_number(what: str) -> Callable[[str], float]:

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 # How long a worker asked to stop may take before it is killed: it only finishes requests
 # whose deadlines are seconds away, and nothing it holds needs saving.
 STOP_TIMEOUT_S = 5.0
+# Answers taken in one go before the reader lets other tasks run: the waiters it woke, and
+# the FUSE handlers, should not wait behind a long drain.
+DRAIN_BATCH = 16
 
 
 class _Waiter:
@@ -73,8 +76,31 @@ class _Worker:
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        self.sock = trio.socket.from_stdlib_socket(ours)
+        ours.setblocking(False)
+        self.sock = ours
         self.busy = 0
+
+    async def send(self, message: bytes) -> None:
+        # Straight to the socket; a full socket buffer (rare: answers are drained at once)
+        # waits to be writable.
+        while True:
+            try:
+                self.sock.send(message)
+                return
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.sock)
+
+    async def receive(self) -> bytes:
+        """The next answer; b"" when the worker is gone. Answers already queued are taken
+        without waiting: under load one wake-up drains many (trio's socket wrapper would
+        arm epoll for each)."""
+        while True:
+            try:
+                return self.sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except OSError:
+                return b""
 
     def stop(self) -> None:
         self.sock.close()  # the worker reads EOF and ends
@@ -159,7 +185,7 @@ class FetchPool:
             worker.busy += 1
             request = (request_id, slot, snapshot_id, index, token, timeout)
             try:
-                await worker.sock.send(pickle.dumps(request))
+                await worker.send(pickle.dumps(request))
                 await waiter.event.wait()
             except BaseException:
                 waiter.abandoned = True  # `_settle` frees the slot when the answer comes
@@ -181,14 +207,13 @@ class FetchPool:
         return data, checksum, seconds
 
     async def _read(self, number: int) -> None:
-        while True:
+        for received in itertools.count(1):
             worker = self._workers[number]
-            try:
-                message = await worker.sock.recv(MAX_MESSAGE)
-            except OSError:
-                message = b""
+            message = await worker.receive()
             if message:
                 self._settle(pickle.loads(message))
+                if received % DRAIN_BATCH == 0:
+                    await trio.sleep(0)  # a long drain lets the FUSE handlers run too
                 continue
             self._lost(worker)
             if self._closed or self._broken is not None:

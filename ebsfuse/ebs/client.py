@@ -23,7 +23,6 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from .. import BLOCK_SIZE
 from .errors import EbsError
 from .fastget import FastBlockGetter
 from .ids import validate_snapshot_id as validate_snapshot_id
@@ -34,7 +33,7 @@ from .retry import RetryPolicy as RetryPolicy
 from .retry import call_with_retries as call_with_retries
 from .settings import ClientSettings, signing_region
 from .translate import translate
-from .verify import b64_sha256, verify_block
+from .verify import b64_sha256, require_whole_block, verify_block
 
 # Re-exported: callers reach the client's answers, settings and checks through the client.
 __all__ = [
@@ -222,13 +221,7 @@ class EbsClient:
             failure = error.fresh()
         if failure is not None:
             raise failure
-        if len(data) != BLOCK_SIZE:
-            raise EbsError(
-                f"block of {len(data)} bytes, not {BLOCK_SIZE}",
-                snapshot_id=snapshot_id,
-                block_index=index,
-                code="UnexpectedBlockLength",
-            )
+        require_whole_block(data, snapshot_id=snapshot_id, block_index=index)
         if self.audit is not None:
             # The SHA-256 the body was just checked against: the service's, no second hash.
             self.audit.record(snapshot_id, index, len(data), checksum)

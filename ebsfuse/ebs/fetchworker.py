@@ -33,6 +33,7 @@ from .errors import EbsError, NotSent
 from .fastget import FastBlockGetter
 from .ratelimit import Unpaced
 from .settings import ClientSettings
+from .verify import require_whole_block
 
 PR_SET_PDEATHSIG = 1
 # A request or an answer: ids, a token of up to a few hundred bytes, an error message.
@@ -106,13 +107,7 @@ class Worker:
         started = time.monotonic()
         try:
             data, checksum = self._getter.get_verified_block(snapshot_id, index, token, timeout)
-            if len(data) != BLOCK_SIZE:
-                raise EbsError(
-                    f"block of {len(data)} bytes, not {BLOCK_SIZE}",
-                    snapshot_id=snapshot_id,
-                    block_index=index,
-                    code="UnexpectedBlockLength",
-                )
+            require_whole_block(data, snapshot_id=snapshot_id, block_index=index)
             self._slots[slot * BLOCK_SIZE : (slot + 1) * BLOCK_SIZE] = data
             answer: tuple[Any, ...] = (request_id, None, checksum, time.monotonic() - started)
         except EbsError as error:

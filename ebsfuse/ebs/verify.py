@@ -7,7 +7,8 @@ import base64
 import hashlib
 from typing import Any
 
-from .errors import ChecksumMismatch
+from .. import BLOCK_SIZE
+from .errors import ChecksumMismatch, EbsError
 
 
 def b64_sha256(data: bytes | memoryview) -> str:
@@ -48,4 +49,16 @@ def verify_block(
             code="ChecksumMismatch",
             retryable=True,
             **where,
+        )
+
+
+def require_whole_block(data: bytes, *, snapshot_id: str, block_index: int) -> None:
+    """Every EBS block is 512 KiB: a shorter one, though it matches its own headers, would
+    shift every later byte of an image. Refused for the mount, its workers and the tools."""
+    if len(data) != BLOCK_SIZE:
+        raise EbsError(
+            f"block of {len(data)} bytes, not {BLOCK_SIZE}",
+            snapshot_id=snapshot_id,
+            block_index=block_index,
+            code="UnexpectedBlockLength",
         )

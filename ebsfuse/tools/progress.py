@@ -113,20 +113,19 @@ class Progress:
 
     def clear(self) -> None:
         """Erase the bar for a line of output; the next advance draws it again."""
-        if not self.enabled:
-            return
-        with self._lock:
-            width = shutil.get_terminal_size((80, 24)).columns
-            self.stream.write("\r" + " " * (width - 1) + "\r")
-            self.stream.flush()
-            self._last_draw = 0.0
+        if self.enabled:
+            with self._lock:
+                self._erase()
+                self._last_draw = 0.0
 
     def close(self) -> None:
         """Erase the bar so the command's own output starts on a clean line."""
-        if not self.enabled:
-            return
-        with self._lock:
-            width = shutil.get_terminal_size((80, 24)).columns
-            self.stream.write("\r" + " " * (width - 1) + "\r")
-            self.stream.flush()
-            self.enabled = False
+        if self.enabled:
+            with self._lock:
+                self._erase()
+                self.enabled = False
+
+    def _erase(self) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns
+        self.stream.write("\r" + " " * (width - 1) + "\r")
+        self.stream.flush()
