@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,21 @@ def test_points_in_time_read_as_restore_at_takes_them() -> None:
         ("1 week ago", timedelta(7)),
     ):
         assert abs(datetime.now(UTC) - ago - point_in_time(text)) < timedelta(seconds=5), text
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(emu: Emulator, env: dict[str, str]) -> None:
+    """`ebsfuse diff ... | head`: the reader goes away; no traceback, the status SIGPIPE gives."""
+    a, b = b"a" * BLOCK_SIZE, b"b" * BLOCK_SIZE  # one object each: the emulator keeps refs
+    first = emu.create_snapshot(blocks=dict.fromkeys(range(0, 2000, 2), a))
+    # 500 changed ranges: 25 KB of output, past any buffer, so writing it meets the closed pipe
+    second = emu.create_snapshot(blocks=dict.fromkeys(range(0, 2000, 4), b), parent=first)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            ebsfuse_cmd("diff", first, second), env=env, stdout=write_end, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(write_end)
+    assert b"Traceback" not in done.stderr
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
