@@ -18,7 +18,8 @@ Either way the answer carries the file's differing byte ranges, to 4 KiB.
 The walk (`walk_pair`) visits both trees at once in sorted order, one directory listing per side
 at a time, so memory follows the widest directory, not the size of the tree. Entries present
 on one side only are matched by inode number and birth time (`RenameMatcher`), so a rename is
-reported as one, up to a bound; beyond it, as a delete and an add.
+reported as one (statx's birth time, or NTFS's creation time through ntfs-3g), up to a bound;
+beyond it, as a delete and an add.
 """
 
 from __future__ import annotations
@@ -509,19 +510,31 @@ STATX_BTIME_OFFSET = 80  # struct statx: stx_btime (tv_sec s64, tv_nsec u32)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+# ntfs-3g gives an NTFS file's creation time as this attribute (statx has none there): 100 ns
+# ticks since 1601, which is this many ticks before the Unix epoch.
+NTFS_CRTIME = "system.ntfs_crtime"
+NTFS_EPOCH_TICKS = 116_444_736_000_000_000
+
+
 def birth_ns(path: str) -> int | None:
-    """The entry's birth time (statx), None where the filesystem does not keep one."""
+    """The entry's birth time (statx, or NTFS's creation time through ntfs-3g), None where
+    the filesystem does not keep one."""
     statx = getattr(_libc, "statx", None)
-    if statx is None:
-        return None
     buffer = ctypes.create_string_buffer(STATX_BUFFER)
-    if statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW, STATX_BTIME, buffer) != 0:
+    if statx is not None and (
+        statx(AT_FDCWD, os.fsencode(path), AT_SYMLINK_NOFOLLOW, STATX_BTIME, buffer) == 0
+    ):
+        mask = struct.unpack_from("=I", buffer.raw, 0)[0]
+        if mask & STATX_BTIME:
+            seconds, nanoseconds = struct.unpack_from("=qI", buffer.raw, STATX_BTIME_OFFSET)
+            return int(seconds * 1_000_000_000 + nanoseconds)
+    try:
+        ticks = os.getxattr(path, NTFS_CRTIME, follow_symlinks=False)
+    except OSError:
         return None
-    mask = struct.unpack_from("=I", buffer.raw, 0)[0]
-    if not mask & STATX_BTIME:
+    if len(ticks) != 8:
         return None
-    seconds, nanoseconds = struct.unpack_from("=qI", buffer.raw, STATX_BTIME_OFFSET)
-    return int(seconds * 1_000_000_000 + nanoseconds)
+    return (int.from_bytes(ticks, "little") - NTFS_EPOCH_TICKS) * 100
 
 
 # Entries on one side only held back to be matched as renames; past this many, the rest are
