@@ -14,6 +14,7 @@ import pytest
 
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.workflows.treediff import (
+    MAX_BLOCKS,
     MAX_RANGES,
     PAGE,
     Change,
@@ -32,10 +33,16 @@ from ebsfuse.workflows.treediff import (
 
 def test_changed_blocks_answer_for_byte_ranges() -> None:
     changed = ChangedBlocks(100)
-    for index in (3, 4, 9, 99, 150):  # 150 lies past the volume: ignored
+    for index in (3, 4, 9, 99):
         changed.add(index)
     changed.add(4)
     assert changed.count == 4 and 4 in changed and 5 not in changed and 150 not in changed
+    changed.add(150)  # past the volume the map was sized for (the other may be larger): grows
+    assert 150 in changed and 149 not in changed and changed.num_blocks > 150
+    assert changed.count_in(0, 200 * BLOCK_SIZE) == 5
+    changed.add(-1)
+    changed.add(MAX_BLOCKS)  # no volume has these: ignored
+    assert changed.count == 5 and changed.num_blocks < 200
     assert changed.count_in(0, 3 * BLOCK_SIZE) == 0
     assert changed.count_in(3 * BLOCK_SIZE - 1, 3 * BLOCK_SIZE + 1) == 1
     assert changed.count_in(0, 100 * BLOCK_SIZE) == 4

@@ -140,10 +140,6 @@ class FetchPool:
         self._workers: list[_Worker] = []
         self._broken: EbsError | None = None
         self._closed = False
-        self.started = 0  # worker processes started, restarts included
-
-    def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the workers and read their answers until cancelled; then stop them."""
@@ -157,7 +153,6 @@ class FetchPool:
             self.close()
 
     def _start(self, number: int) -> _Worker:
-        self.started += 1
         return _Worker(number, self._arguments, self._memfd)
 
     async def get(

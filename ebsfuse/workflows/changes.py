@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 # Filesystems whose FIEMAP gives byte offsets on the device they were mounted from. btrfs gives
 # addresses in its own logical space (its chunk tree maps them), so it is compared by reading.
 EXTENT_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs"})
-# Largest EBS volume, in blocks: the changed-block bitmap of a pair is at most this long.
-MAX_VOLUME_BLOCKS = 64 * 1024 * GIB // BLOCK_SIZE
 
 
 class ChangesInterrupted(EbsfuseError):
@@ -126,12 +124,12 @@ def changes(
 async def _changed_blocks(ctx: FetchContext, first: str, second: str) -> ChangedBlocks | None:
     """The pair's changed blocks; None when the service says they are unrelated."""
     try:
-        listing, _ = await open_changes(ctx, first, second, ReadStats())
+        listing, gib = await open_changes(ctx, first, second, ReadStats())
     except EbsError as error:
         if error.reason == "UNRELATED_SNAPSHOTS":
             return None
         raise
-    changed = ChangedBlocks(MAX_VOLUME_BLOCKS)
+    changed = ChangedBlocks(gib * GIB // BLOCK_SIZE)  # the second's volume: grows if need be
     async for index, _ in listing.listed():
         changed.add(index)
     return changed

@@ -45,9 +45,15 @@ from .. import BLOCK_SIZE
 # -- which blocks changed ----------------------------------------------------------------------
 
 
+# The largest EBS volume (64 TiB) in blocks: the bitmap never grows past 16 MiB.
+MAX_BLOCKS = 64 * 1024**4 // BLOCK_SIZE
+
+
 class ChangedBlocks:
     """The volume's changed 512 KiB blocks as a bitmap: one bit a block, so 2 MiB for an
-    8 TiB volume and 16 MiB for the largest (64 TiB), whatever the number of changes."""
+    8 TiB volume and 16 MiB for the largest (64 TiB), whatever the number of changes. It is
+    sized for one volume and grows for an index past it (the other snapshot's volume may be
+    larger); a block past its end was listed as no change."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -55,8 +61,11 @@ class ChangedBlocks:
         self.count = 0
 
     def add(self, index: int) -> None:
+        if not 0 <= index < MAX_BLOCKS:
+            return  # no EBS volume has such a block: nothing of a filesystem lies there
         if index >= self.num_blocks:
-            return  # past a smaller volume's end: no filesystem byte lies there
+            self._bits.extend(bytes(index // 8 + 1 - len(self._bits)))
+            self.num_blocks = len(self._bits) * 8
         byte, bit = divmod(index, 8)
         if not self._bits[byte] >> bit & 1:
             self._bits[byte] |= 1 << bit
@@ -260,7 +269,7 @@ class ContentJudge:
     def judge(self, path_a: str, path_b: str, size_a: int, size_b: int) -> ContentVerdict:
         common = min(size_a, size_b)
         ranges = Ranges()
-        with _open(path_a) as fd_a, _open(path_b) as fd_b:
+        with _ReadOnly(path_a) as fd_a, _ReadOnly(path_b) as fd_b:
             mapped, read = False, 0
             if self.evidence.by_extents:
                 mapped, read = self._by_extents(fd_a, fd_b, common, ranges)
@@ -313,7 +322,7 @@ class ContentJudge:
                     yield s + cs - device, s + ce - device
 
 
-class _open:
+class _ReadOnly:
     """A file opened read-only without touching its access time where allowed."""
 
     def __init__(self, path: str) -> None:
