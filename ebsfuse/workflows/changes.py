@@ -35,7 +35,7 @@ from ..ebs.client import EbsClient, RetryPolicy, validate_snapshot_id
 from ..ebs.errors import EbsError, EbsfuseError, UsageError
 from ..fuse.mount import MountOptions
 from .chain import Chain, Selected, runtime_dir
-from .restore import resolve_in_root
+from .restore import inside, resolve_in_root
 from .treediff import Change, ChangedBlocks, Evidence, Side, TreeComparer
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def changes(
     started = time.monotonic()
     validate_snapshot_id(job.first)
     validate_snapshot_id(job.second)
-    result = ChangesResult(job.first, job.second, path=_inside(job.path))
+    result = ChangesResult(job.first, job.second, path=inside(job.path))
     ctx = tool_context(client, 1, policy)
     if job.first == job.second:
         run_interruptibly(describe, ctx, job.first)  # an unknown id is still refused
@@ -199,7 +199,7 @@ def _evidence(
             f"the volume was resized: {sizes[0] // GIB} GiB in {chain.snapshot_id}, "
             f"{sizes[1] // GIB} GiB in {chain.companions[0]}"
         )
-    evidence = Evidence(changed, offset_a, offset_b, selected_a.fstype in EXTENT_FILESYSTEMS, deep)
+    evidence = Evidence(changed, offset_a, selected_a.fstype in EXTENT_FILESYSTEMS, deep)
     if changed is not None:
         end = offset_a + max(selected_a.size, selected_b.size)
         result.changed_blocks_in_filesystem = changed.count_in(offset_a, end)
@@ -246,7 +246,7 @@ def _partition_start(chain: Chain, snapshot_id: str, selected: Selected) -> int:
 def _walk(job: ChangesJob, a: Side, b: Side, evidence: Evidence, result: ChangesResult) -> None:
     start = result.path = _start_path(a, b, job)
     job.on_total(_inodes_in_use(a.root) + _inodes_in_use(b.root))
-    comparer = TreeComparer(a, b, evidence, job.on_change, _Counter(job.on_entry))
+    comparer = TreeComparer(a, b, evidence, job.on_change, job.on_entry)
     comparer.run(start)
     for kind, count in comparer.counts.items():
         setattr(result, kind, count)
@@ -261,38 +261,22 @@ def _walk(job: ChangesJob, a: Side, b: Side, evidence: Evidence, result: Changes
         )
 
 
-class _Counter:
-    """Calls `report(n)` with the running count of entries walked."""
-
-    def __init__(self, report: Callable[[int], None]) -> None:
-        self._report = report
-        self.walked = 0
-
-    def __call__(self) -> None:
-        self.walked += 1
-        self._report(self.walked)
-
-
 def _start_path(a: Side, b: Side, job: ChangesJob) -> str:
     """`--path` inside both trees (symbolic links on the way kept inside each)."""
-    inside = _inside(job.path)
-    if inside == "/":
-        return inside
+    prefix = inside(job.path)
+    if prefix == "/":
+        return prefix
     found = []
     for side in (a, b):
         try:
-            found.append(os.path.relpath(resolve_in_root(side.root, inside), side.root))
+            found.append(os.path.relpath(resolve_in_root(side.root, prefix), side.root))
         except UsageError:
             continue
     if not found:
-        raise UsageError(f"{inside}: no such file or directory in either snapshot")
+        raise UsageError(f"{prefix}: no such file or directory in either snapshot")
     if len(set(found)) > 1:
-        raise UsageError(f"{inside} leads to different places in the two snapshots")
+        raise UsageError(f"{prefix} leads to different places in the two snapshots")
     return "/" if found[0] == "." else "/" + found[0]
-
-
-def _inside(path: str) -> str:
-    return "/" + "/".join(p for p in path.split("/") if p)
 
 
 def _inodes_in_use(root: str) -> int:

@@ -493,7 +493,7 @@ def _restore_through_chain(job: _Job, copier: _Copier) -> RestoreResult:
         for path, (directory, name) in zip(job.paths, planned, strict=True):
             final = os.path.join(directory, name)
             if _restore_one(chain.target, path, final, copier):
-                restored.append({"source": _inside(path), "dest": final})
+                restored.append({"source": inside(path), "dest": final})
             else:
                 missing.append(path)
         counters = chain.stats()
@@ -509,7 +509,8 @@ def _restore_through_chain(job: _Job, copier: _Copier) -> RestoreResult:
     return _result(job.snapshot_id, selected, copier, counters, restored, missing)
 
 
-def _inside(path: str) -> str:
+def inside(path: str) -> str:
+    """PATH as an absolute path inside the snapshot (`a//b/` -> `/a/b`)."""
     return "/" + "/".join(p for p in path.split("/") if p)
 
 
@@ -524,7 +525,7 @@ def _restore_one(root: str, path: str, final: str, copier: _Copier) -> bool:
     )
     copier.renaming = (temporary, final)
     try:
-        copier.copy(source, temporary, _inside(path))
+        copier.copy(source, temporary, inside(path))
         os.rename(temporary, final)
     except BaseException:
         _remove(temporary)

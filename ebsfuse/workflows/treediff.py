@@ -102,8 +102,9 @@ class Evidence:
     """What the comparison may rely on besides the two trees."""
 
     changed: ChangedBlocks | None  # None: the service could not say (unrelated snapshots...)
-    offset_a: int = 0  # where each tree's filesystem starts in its volume
-    offset_b: int = 0
+    # Where the filesystem starts in the volume (the same in both snapshots, or `changed` is
+    # withdrawn: blocks could not be matched to files).
+    offset_a: int = 0
     extents: bool = False  # FIEMAP gives device offsets on this filesystem (ext*, XFS)
     deep: bool = False  # read every file of equal size in both, whatever the evidence
     # The service listed no changed block in the filesystem's byte range: its files are the
@@ -112,12 +113,7 @@ class Evidence:
 
     @property
     def by_extents(self) -> bool:
-        return (
-            self.extents
-            and not self.deep
-            and self.changed is not None
-            and self.offset_a == self.offset_b
-        )
+        return self.extents and not self.deep and self.changed is not None
 
 
 # -- extents -----------------------------------------------------------------------------------
@@ -562,8 +558,7 @@ class _Pending:
 class RenameMatcher:
     """Entries seen on one side only, matched by identity once the walk is done."""
 
-    def __init__(self, emit: Callable[[Change], None], limit: int = MAX_PENDING) -> None:
-        self._emit = emit
+    def __init__(self, limit: int = MAX_PENDING) -> None:
         self._limit = limit
         self._gone: dict[Identity, _Pending] = {}
         self._new: dict[Identity, _Pending] = {}
@@ -616,7 +611,7 @@ class TreeComparer:
         b: Side,
         evidence: Evidence,
         emit: Callable[[Change], None],
-        on_entry: Callable[[], None] = lambda: None,
+        on_entry: Callable[[int], None] = lambda walked: None,  # entries walked so far
         workers: int = COMPARE_WORKERS,
     ) -> None:
         self.a, self.b = a, b
@@ -624,7 +619,7 @@ class TreeComparer:
         self.judge = ContentJudge(evidence)
         self._emit = emit
         self._on_entry = on_entry
-        self._renames = RenameMatcher(emit)
+        self._renames = RenameMatcher()
         self._workers = workers
         self._queue: deque[Future[Change | None]] = deque()
         self.counts = {name: 0 for name in ("added", "deleted", "modified", "metadata", "renamed")}
@@ -636,7 +631,7 @@ class TreeComparer:
         try:
             for path, st_a, st_b in walk_pair(self.a, self.b, start):
                 self.entries += 1
-                self._on_entry()
+                self._on_entry(self.entries)
                 if (
                     st_a is not None
                     and st_b is not None
