@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import io
 import json
@@ -49,8 +50,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import boto3
@@ -90,6 +91,18 @@ MIN_TRANSFER_RATE = 256 * 1024
 _LABEL_SAFE = "-_.~"
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedGet:
+    """A signed GET: its request head, path (for error messages), the largest body it takes,
+    the seconds it may take from when it is sent, and what its errors name."""
+
+    head: bytes
+    path: str
+    max_body: int
+    limit: float
+    where: dict[str, Any]
+
+
 class _ProtocolError(Exception):
     """The server's bytes are not an HTTP/1.1 response we can frame."""
 
@@ -103,7 +116,7 @@ class _Response:
         self,
         status: int,
         headers: dict[str, str],
-        body: bytes,
+        body: bytes | memoryview,
         reusable: bool,
         framed: bool = True,
     ) -> None:
@@ -116,25 +129,163 @@ class _Response:
         self.framed = framed
         self.error: EbsError | None = None  # what an error answer means, read once
 
+    def data(self) -> bytes:
+        """The body, where it was received as `bytes` (every path but the fetch worker's)."""
+        assert isinstance(self.body, bytes)
+        return self.body
+
+
+# What a response reader asks of its transport (`_ResponseReader.steps`), with its argument:
+_LINE = 0  # a line of at most `arg` bytes (b"" at the end of the connection)
+_READ = 1  # `arg` bytes, fewer only at the end of the connection
+_INTO = 2  # fill the memoryview `arg`; the count received, short only at the end
+
+Step = tuple[int, Any]
+
+
+class _ResponseReader:
+    """The framing of one response to a GET, with no I/O of its own (RFC 9112 for what a GET
+    can get back): its `steps` ask for a line, some bytes, or bytes into a buffer, and the
+    transport answers each -- the blocking `_Connection`, or the fetch worker's event loop
+    (`fetchloop`). So the rules live here once, whatever does the receiving.
+
+    1xx interim responses are skipped; the body is delimited by chunked transfer coding,
+    Content-Length, or the end of the connection; 204 and 304 have none. Anything else is a
+    `_ProtocolError`. At most `max_error_body` bytes of an error body are read (one cut short
+    is not reusable); a success larger than `max_body` is `_Oversized` before any of it is read,
+    so an announced 64 MiB costs nothing. A success with a Content-Length is received straight
+    into `into` when given (the fetch worker's shared slot), else into a new `bytes`.
+    `in_body` tells, after a failure, whether the headers had arrived.
+    """
+
+    # The largest status or header line accepted (http.client's limit too).
+    MAX_LINE = 65536
+    _MAX_HEADERS = 100
+
+    def __init__(self, max_error_body: int, max_body: int, into: memoryview | None = None) -> None:
+        self.max_error_body = max_error_body
+        self.max_body = max_body
+        self.into = into
+        self.in_body = False
+
+    def _line(self) -> Generator[Step, Any, bytes]:
+        line: bytes = yield (_LINE, self.MAX_LINE + 1)
+        if len(line) > self.MAX_LINE:
+            raise _ProtocolError("a header line is too long")
+        return line
+
+    def _head(self) -> Generator[Step, Any, tuple[bytes, int, dict[str, str]]]:
+        """The final response's version, status and headers (lower-cased names)."""
+        while True:
+            line = yield from self._line()
+            if not line:
+                raise ConnectionResetError("the server closed the connection without a response")
+            version, _, rest = line.partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/1.") or not code.isdigit():
+                raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
+            status = int(code)
+            headers: dict[str, str] = {}
+            for _ in range(self._MAX_HEADERS + 1):
+                line = yield from self._line()
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not line:
+                    raise _ProtocolError("the connection closed in the middle of the headers")
+                name, sep, value = line.partition(b":")
+                if not sep:
+                    raise _ProtocolError(f"malformed header line {line[:80]!r}")
+                key = name.strip().lower().decode("latin-1")
+                text = value.strip().decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            else:
+                raise _ProtocolError("too many header lines")
+            if status >= 200 or status == 101:
+                return version, status, headers  # other 1xx are interim: a final one follows
+
+    def steps(self) -> Generator[Step, Any, _Response]:
+        version, status, headers = yield from self._head()
+        keep_alive = version == b"HTTP/1.1" and "close" not in headers.get("connection", "")
+        error = status >= 300
+        self.in_body = True
+        if status in (204, 304):
+            return _Response(status, headers, b"", keep_alive)
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            cap = self.max_error_body if error else self.max_body
+            body, whole = yield from self._chunked(cap, error=error)
+            return _Response(status, headers, body, keep_alive and whole)
+        length_text = headers.get("content-length")
+        if length_text is not None:
+            if not length_text.isdigit():
+                raise _ProtocolError(f"bad Content-Length {length_text!r}")
+            length = int(length_text)
+            if not error and length > self.max_body:
+                raise _Oversized(length, self.max_body)
+            want = min(length, self.max_error_body) if error else length
+            framed = yield from self._exactly(want, into=None if error else self.into)
+            return _Response(status, headers, framed, keep_alive and want == length)
+        cap = self.max_error_body if error else self.max_body
+        rest: bytes = yield (_READ, cap + 1)
+        if not error and len(rest) > self.max_body:
+            raise _Oversized(None, self.max_body)
+        return _Response(status, headers, rest[:cap], False, framed=False)
+
+    @staticmethod
+    def _exactly(size: int, into: memoryview | None) -> Generator[Step, Any, bytes | memoryview]:
+        if into is not None and size <= len(into):
+            received: int = yield (_INTO, into[:size])
+            if received < size:
+                raise _IncompleteBody(received, size)
+            return into[:size]
+        body: bytes = yield (_READ, size)
+        if len(body) < size:
+            raise _IncompleteBody(len(body), size)
+        return body
+
+    def _chunked(self, max_body: int, *, error: bool) -> Generator[Step, Any, tuple[bytes, bool]]:
+        """A chunked body of at most `max_body` bytes, and whether it was read to its end.
+
+        The chunk sizes are the server's word: a chunk is never read past the cap. A success
+        that would exceed it is `_Oversized`; an error body is cut there (and the connection
+        is not reused).
+        """
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size_text = (yield from self._line()).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                while (yield from self._line()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return b"".join(parts), True
+            if total + size > max_body:
+                if not error:
+                    raise _Oversized(None, max_body)
+                size = max_body - total
+            chunk: bytes = yield (_READ, size)
+            if len(chunk) < size:
+                raise _IncompleteBody(total + len(chunk), None)
+            parts.append(chunk)
+            total += size
+            if total >= max_body and error:
+                return b"".join(parts), False
+            yield from self._line()  # the CRLF after the chunk
+
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection: write a request, read its response.
+    """One keep-alive HTTP/1.1 connection, blocking: write a request, read its response.
 
     Deliberately small instead of `http.client`, which costs ~0.2 ms of CPU per request in
     its state machine, header validation and `email`-based header parsing (measured with
     scripts/bench-fetch: 0.84 against 0.6 ms per block at 16 threads). The buffered reader
-    lives as long as the connection, headers are split by hand, and the body is one
+    lives as long as the connection and answers the `_ResponseReader`'s steps; the body is one
     `read(length)`: `io.BufferedReader` allocates the result and receives into it directly,
     so the 512 KiB arrive in their final `bytes` object without a copy.
-
-    Framing follows RFC 9112 for what a GET can get back: 1xx interim responses are skipped;
-    the body is delimited by chunked transfer coding, Content-Length, or the end of the
-    connection; 204 and 304 have none. Anything else is a `_ProtocolError`.
     """
 
-    # The largest status or header line accepted (http.client's limit too).
-    _MAX_LINE = 65536
-    _MAX_HEADERS = 100
     # Buffer of the reader: headers of a response fit in one receive, and reads this large or
     # larger (the body) bypass the buffer.
     _READ_BUFFER = 64 * 1024
@@ -142,7 +293,8 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.in_body = False
-        self.rfile = sock.makefile("rb", buffering=self._READ_BUFFER)
+        # makefile("rb") with a buffer size is a BufferedReader; typeshed says IOBase.
+        self.rfile = cast(io.BufferedReader, sock.makefile("rb", buffering=self._READ_BUFFER))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -160,110 +312,32 @@ class _Connection:
         poller.register(self.sock, select.POLLIN)
         return bool(poller.poll(0))
 
-    def _line(self) -> bytes:
-        line = self.rfile.readline(self._MAX_LINE + 1)
-        if len(line) > self._MAX_LINE:
-            raise _ProtocolError("a header line is too long")
-        return line
-
     def exchange(
         self, request: bytes, max_error_body: int, max_body: int, body: bytes = b""
     ) -> _Response:
-        """Send `request` (a complete head) and `body`, and read the response.
-
-        At most `max_error_body` bytes of an error response's body are read; one cut short is
-        marked not reusable. A successful response whose body is larger than `max_body` is
-        refused (`_Oversized`) before any of it is read, so an announced 64 MiB costs nothing.
-        `in_body` tells, after a failure, whether the headers had arrived.
-        """
+        """Send `request` (a complete head) and `body`, and read the response
+        (`_ResponseReader`); `in_body` tells, after a failure, whether the headers had arrived."""
         self.in_body = False
         self.sock.sendall(request)
         if body:
             self.sock.sendall(body)
-        while True:
-            line = self._line()
-            if not line:
-                raise ConnectionResetError("the server closed the connection without a response")
-            version, _, rest = line.partition(b" ")
-            code = rest[:3]
-            if not version.startswith(b"HTTP/1.") or not code.isdigit():
-                raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
-            status = int(code)
-            headers: dict[str, str] = {}
-            for _ in range(self._MAX_HEADERS + 1):
-                line = self._line()
-                if line in (b"\r\n", b"\n"):
-                    break
-                if not line:
-                    raise _ProtocolError("the connection closed in the middle of the headers")
-                name, sep, value = line.partition(b":")
-                if not sep:
-                    raise _ProtocolError(f"malformed header line {line[:80]!r}")
-                key = name.strip().lower().decode("latin-1")
-                text = value.strip().decode("latin-1")
-                headers[key] = f"{headers[key]}, {text}" if key in headers else text
-            else:
-                raise _ProtocolError("too many header lines")
-            if status >= 200 or status == 101:
-                break  # 1xx other than 101 are interim: a final response follows
-        keep_alive = version == b"HTTP/1.1" and "close" not in headers.get("connection", "")
-        error = status >= 300
-        self.in_body = True
-        if status in (204, 304):
-            return _Response(status, headers, b"", keep_alive)
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body, whole = self._chunked(max_error_body if error else max_body, error=error)
-            return _Response(status, headers, body, keep_alive and whole)
-        length_text = headers.get("content-length")
-        if length_text is not None:
-            if not length_text.isdigit():
-                raise _ProtocolError(f"bad Content-Length {length_text!r}")
-            length = int(length_text)
-            if not error and length > max_body:
-                raise _Oversized(length, max_body)
-            want = min(length, max_error_body) if error else length
-            body = self.rfile.read(want)
-            if len(body) < want:
-                raise _IncompleteBody(len(body), length)
-            return _Response(status, headers, body, keep_alive and want == length)
-        body = self.rfile.read((max_error_body if error else max_body) + 1)
-        if not error and len(body) > max_body:
-            raise _Oversized(None, max_body)
-        return _Response(
-            status, headers, body[:max_error_body] if error else body, False, framed=False
-        )
-
-    def _chunked(self, max_body: int, *, error: bool) -> tuple[bytes, bool]:
-        """A chunked body of at most `max_body` bytes, and whether it was read to its end.
-
-        The chunk sizes are the server's word: a chunk is never read past the cap. A success
-        that would exceed it is `_Oversized`; an error body is cut there (and the connection
-        is not reused).
-        """
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
-            if size == 0:
-                while self._line() not in (b"\r\n", b"\n", b""):
-                    pass  # trailer fields
-                return b"".join(parts), True
-            if total + size > max_body:
-                if not error:
-                    raise _Oversized(None, max_body)
-                size = max_body - total
-            chunk = self.rfile.read(size)
-            if len(chunk) < size:
-                raise _IncompleteBody(total + len(chunk), None)
-            parts.append(chunk)
-            total += size
-            if total >= max_body and error:
-                return b"".join(parts), False
-            self._line()  # the CRLF after the chunk
+        reader = _ResponseReader(max_error_body, max_body)
+        steps = reader.steps()
+        try:
+            step = next(steps)
+            while True:
+                kind, arg = step
+                if kind == _LINE:
+                    step = steps.send(self.rfile.readline(arg))
+                elif kind == _READ:
+                    step = steps.send(self.rfile.read(arg))
+                else:
+                    step = steps.send(self.rfile.readinto(arg))
+        except StopIteration as done:
+            response: _Response = done.value
+            return response
+        finally:
+            self.in_body = reader.in_body
 
 
 class _BodyStream(io.BytesIO):
@@ -490,7 +564,7 @@ class FastBlockGetter:
         self._pool = _Pool(settings.max_pool_connections)
         self.limiter = limiter_for(self.endpoint_url, settings.max_rps)
 
-    def _connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
+    def connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
         """A new connection (TCP within the connect timeout, then TLS, through a tunnel),
         watched from the moment its socket exists."""
         settings = self.settings
@@ -562,6 +636,17 @@ class FastBlockGetter:
         self, snapshot_id: str, index: int, token: str, timeout: float | None = None
     ) -> tuple[bytes, str]:
         """`get_block`, with the base64 SHA-256 the bytes were checked against."""
+        get = self.prepare_block(snapshot_id, index, token, timeout)
+        response = self._send(get)
+        body = response.data()
+        self.verified(body, response.headers, get.where)
+        return body, response.headers["x-amz-checksum"]
+
+    def prepare_block(
+        self, snapshot_id: str, index: int, token: str, timeout: float | None = None
+    ) -> PreparedGet:
+        """The signed GetSnapshotBlock request, for `_send` here or for the fetch worker's loop
+        (`fetchloop`), which sends it on its own sockets with the same rules."""
         where: dict[str, Any] = {"snapshot_id": snapshot_id, "block_index": index}
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             # botocore validates BlockIndex (an integer, min 0) before sending anything.
@@ -573,9 +658,7 @@ class FastBlockGetter:
             )
         path = f"/snapshots/{quote(snapshot_id, safe=_LABEL_SAFE)}/blocks/{index}"
         query = f"blockToken={encode_query_value(token)}"
-        response = self._request(path, query, BLOCK_SIZE, where, timeout)
-        data = self._verified(response.body, response.headers, where)
-        return data, response.headers["x-amz-checksum"]
+        return self._prepare(path, query, BLOCK_SIZE, where, timeout)
 
     def get_json(
         self,
@@ -594,13 +677,13 @@ class FastBlockGetter:
             f"{encode_query_value(k)}={encode_query_value(v)}" for k, v in sorted(params.items())
         )
         response = self._request(path, query, MAX_LIST_BODY, where, timeout)
+        body = response.data()
         try:
-            return json.loads(response.body)
+            return json.loads(body)
         except ValueError:
             kind = response.headers.get("content-type", "no Content-Type")
             raise EbsError(
-                f"the listing's body is not JSON ({kind}, {len(response.body)} bytes): "
-                f"{response.body[:60]!r}",
+                f"the listing's body is not JSON ({kind}, {len(body)} bytes): {body[:60]!r}",
                 code="MalformedListing",
                 retryable=True,
                 **where,
@@ -610,6 +693,13 @@ class FastBlockGetter:
         self, path: str, query: str, max_body: int, where: dict[str, Any], timeout: float | None
     ) -> _Response:
         """One signed GET within its deadline; a successful response, or an `EbsError`."""
+        return self._send(self._prepare(path, query, max_body, where, timeout))
+
+    def _prepare(
+        self, path: str, query: str, max_body: int, where: dict[str, Any], timeout: float | None
+    ) -> PreparedGet:
+        """A GET of `path` signed now, with the time it may take: REQUEST_BASE_S plus its body
+        at MIN_TRANSFER_RATE, or `timeout` if shorter."""
         path = self._base_path + path
         try:
             credentials = self._credentials()
@@ -626,7 +716,10 @@ class FastBlockGetter:
         limit = REQUEST_BASE_S + max_body / MIN_TRANSFER_RATE
         if timeout is not None:
             limit = min(limit, timeout)
-        response = self._exchange(head, b"", path, max_body, limit, where)
+        return PreparedGet(head, path, max_body, limit, where)
+
+    def _send(self, get: PreparedGet) -> _Response:
+        response = self._exchange(get.head, b"", get.path, get.max_body, get.limit, get.where)
         if response.error is not None:
             raise response.error
         return response
@@ -664,7 +757,7 @@ class FastBlockGetter:
             request.url,
             response.status,
             botocore.awsrequest.HeadersDict(response.headers),
-            _BodyStream(response.body),
+            _BodyStream(response.data()),
         )
 
     def _exchange(
@@ -693,7 +786,7 @@ class FastBlockGetter:
         try:
             conn = self._pool.get()
             if conn is None:
-                conn, alarm = self._connect(deadline)
+                conn, alarm = self.connect(deadline)
             else:
                 alarm = _WATCHDOG.arm(conn.sock, deadline)
             phase = "send"
@@ -709,12 +802,12 @@ class FastBlockGetter:
             at_deadline = isinstance(exc, TimeoutError) and time.monotonic() >= deadline - 0.05
             if late or at_deadline or isinstance(exc, _DeadlinePassed):
                 phase = "deadline"
-            raise self._network_error(exc, phase, path, where, limit) from None
+            raise self.network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
         if response.status >= 300:
             # Read once, as botocore reads it (header or body): the caller raises it, and a
             # throttling answer teaches the limiter (the rate grows back with time).
-            response.error = self._service_error(response, where)
+            response.error = self.service_error(response, where)
             if response.error.throttled:
                 self.limiter.throttled()
         if response.reusable and not late:
@@ -723,12 +816,12 @@ class FastBlockGetter:
             conn.close()
         if late and not response.framed:
             # The end of this body may be the watchdog's cut, not the server's.
-            raise self._network_error(TimeoutError(), "deadline", path, where, limit)
+            raise self.network_error(TimeoutError(), "deadline", path, where, limit)
         return response
 
     @staticmethod
-    def _verified(data: bytes, headers: dict[str, str], where: dict[str, Any]) -> bytes:
-        """`data` if its length and SHA-256 match the response headers; else ChecksumMismatch."""
+    def verified(data: bytes | memoryview, headers: dict[str, str], where: dict[str, Any]) -> None:
+        """Raise ChecksumMismatch unless `data`'s length and SHA-256 match the headers."""
         announced = headers.get("x-amz-data-length")
         if announced is not None:
             try:
@@ -749,12 +842,11 @@ class FastBlockGetter:
             headers.get("x-amz-checksum"),
             **where,
         )
-        return data
 
     @staticmethod
-    def _service_error(response: _Response, where: dict[str, Any]) -> EbsError:
+    def service_error(response: _Response, where: dict[str, Any]) -> EbsError:
         """An error response, parsed as botocore's rest-json parser does, then `translate`d."""
-        status, body = response.status, response.body
+        status, body = response.status, response.data()
         text = body.decode("utf-8", errors="replace")
         doc: dict[str, Any] = {}
         stripped = body.strip()
@@ -785,7 +877,7 @@ class FastBlockGetter:
         client_error = botocore.exceptions.ClientError(response_document, OPERATION)
         return translate(client_error, **where)
 
-    def _network_error(
+    def network_error(
         self,
         exc: BaseException,
         phase: str,

@@ -16,7 +16,7 @@ def b64_sha256(data: bytes | memoryview) -> str:
 
 
 def verify_block(
-    data: bytes,
+    data: bytes | memoryview,
     expected_length: int | None,
     algorithm: str | None,
     checksum: str | None,
@@ -52,7 +52,7 @@ def verify_block(
         )
 
 
-def require_whole_block(data: bytes, *, snapshot_id: str, block_index: int) -> None:
+def require_whole_block(data: bytes | memoryview, *, snapshot_id: str, block_index: int) -> None:
     """Every EBS block is 512 KiB: a shorter one, though it matches its own headers, would
     shift every later byte of an image. Refused for the mount, its workers and the tools."""
     if len(data) != BLOCK_SIZE:
