@@ -29,7 +29,10 @@ import boto3
 import pytest
 
 from ebsfuse import BLOCK_SIZE
+from ebsfuse.ebs.fastget import FastBlockGetter
+from ebsfuse.ebs.settings import ClientSettings
 from ebsfuse.emulator import Emulator
+from tests.worker_loop import LeanGetter, LoopGetter
 
 RUN_ROOT = Path(tempfile.mkdtemp(prefix="ebsfuse-tests-"))
 DEADLINE_S = 30.0
@@ -347,3 +350,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(tuple(f"tests/{layer}" for layer in MOUNT_LAYERS)):
             item.add_marker(pytest.mark.mount)
+
+
+@pytest.fixture(params=["threads", "worker loop"])
+def lean(request: pytest.FixtureRequest) -> Iterator[Callable[..., LeanGetter]]:
+    """Makes a lean-transport getter (`make(settings, credentials_provider=None)`): the
+    blocking `FastBlockGetter` the threads use, or the fetch worker's event loop. Both must
+    pass every test of the transport; each made is closed after the test."""
+    made: list[LeanGetter] = []
+
+    def make(settings: ClientSettings, credentials_provider: Any = None) -> LeanGetter:
+        kind = FastBlockGetter if request.param == "threads" else LoopGetter
+        made.append(kind(settings, credentials_provider))
+        return made[-1]
+
+    yield make
+    for getter in made:
+        getter.close()

@@ -35,6 +35,7 @@ from ebsfuse.ebs.errors import ChecksumMismatch, EbsError
 from ebsfuse.ebs.fastget import FastBlockGetter
 from ebsfuse.ebs.sigv4 import Signer, StaticCredentials
 from ebsfuse.emulator import Emulator
+from tests.worker_loop import LeanGetter
 
 SNAP = "snap-0123456789abcdef0"
 
@@ -188,15 +189,17 @@ def snapshot(emu: Emulator, env: dict[str, str]) -> tuple[str, dict[int, bytes],
 
 
 def test_blocks_are_byte_exact_and_tokens_with_plus_and_slash_round_trip(
-    emu: Emulator, snapshot: tuple[str, dict[int, bytes], dict[int, str]]
+    lean: Callable[..., LeanGetter],
+    emu: Emulator,
+    snapshot: tuple[str, dict[int, bytes], dict[int, str]],
 ) -> None:
     sid, blocks, tokens = snapshot
     # With 48 random tokens of 32 base64 characters, several hold '+' or '/' (and the
     # emulator's MAC check refuses a token that came back altered).
     assert any(set(t) & set("+/") for t in tokens.values())
-    with FastBlockGetter(settings(emu.endpoint)) as getter:
-        for index, token in tokens.items():
-            assert getter.get_block(sid, index, token) == blocks[index]
+    getter = lean(settings(emu.endpoint))
+    for index, token in tokens.items():
+        assert getter.get_block(sid, index, token) == blocks[index]
     assert emu.counters()["requests"]["GetSnapshotBlock"] == len(tokens)
 
 
@@ -236,10 +239,12 @@ def test_threads_share_one_getter(
 
 
 def test_errors_map_exactly_as_boto3s(
-    emu: Emulator, snapshot: tuple[str, dict[int, bytes], dict[int, str]]
+    lean: Callable[..., LeanGetter],
+    emu: Emulator,
+    snapshot: tuple[str, dict[int, bytes], dict[int, str]],
 ) -> None:
     sid, _, tokens = snapshot
-    fast = FastBlockGetter(settings(emu.endpoint))
+    fast = lean(settings(emu.endpoint))
     slow = EbsClient(settings(emu.endpoint))
     refused = ("B" if tokens[0][0] == "A" else "A") + tokens[0][1:]
     cases: list[tuple[str, str, int, str, tuple[str, str | None, bool, bool, bool]]] = [
@@ -274,11 +279,13 @@ def test_errors_map_exactly_as_boto3s(
 
 
 def test_throttling_is_marked_throttled(
-    emu: Emulator, snapshot: tuple[str, dict[int, bytes], dict[int, str]]
+    lean: Callable[..., LeanGetter],
+    emu: Emulator,
+    snapshot: tuple[str, dict[int, bytes], dict[int, str]],
 ) -> None:
     sid, _, tokens = snapshot
     emu.set_faults(throttle_rps=1)
-    getter = FastBlockGetter(settings(emu.endpoint))
+    getter = lean(settings(emu.endpoint))
     outcomes: list[tuple[str | None, str | None, bool, bool] | None] = []
     for index in range(4):
         try:
@@ -289,11 +296,13 @@ def test_throttling_is_marked_throttled(
     assert ("RequestThrottledException", "RESOURCE_LEVEL_THROTTLE", True, True) in outcomes
 
 
-def test_connection_refused_is_retryable(env: dict[str, str]) -> None:
+def test_connection_refused_is_retryable(
+    lean: Callable[..., LeanGetter], env: dict[str, str]
+) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    getter = FastBlockGetter(settings(f"http://127.0.0.1:{port}", connect_timeout_s=2))
+    getter = lean(settings(f"http://127.0.0.1:{port}", connect_timeout_s=2))
     code, _, retryable, _, _ = outcome(lambda: getter.get_block(SNAP, 0, "AAAA"))
     assert (code, retryable) == ("EndpointConnectionError", True)
 
@@ -303,12 +312,15 @@ def test_connection_refused_is_retryable(env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("session_token", [None, "IQoJb3JpZ2luX2VjEPr//////////wEaCXVzLWVhc3Q="])
 def test_signature_on_the_wire_equals_botocores(
-    fake: Callable[..., FakeServer], env: dict[str, str], session_token: str | None
+    lean: Callable[..., LeanGetter],
+    fake: Callable[..., FakeServer],
+    env: dict[str, str],
+    session_token: str | None,
 ) -> None:
     data = os.urandom(BLOCK_SIZE)
     server = fake(lambda head: block_response(data))
     creds = StaticCredentials("AKIAFASTGETTEST", "s3cr3t/with+chars=", session_token)
-    getter = FastBlockGetter(settings(server.endpoint), credentials_provider=lambda: creds)
+    getter = lean(settings(server.endpoint), credentials_provider=lambda: creds)
     token = "AbC+dEf/GhI=jKl+/=="
     assert getter.get_block(SNAP, 123, token) == data
 
@@ -361,9 +373,9 @@ def test_signer_agrees_with_botocore_for_fixed_timestamps(
 
 
 def test_refreshed_credentials_are_used(
-    fake: Callable[..., FakeServer], env: dict[str, str]
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
 ) -> None:
-    data = os.urandom(1024)
+    data = os.urandom(BLOCK_SIZE)
     server = fake(lambda head: block_response(data))
     generation = [0]
 
@@ -381,7 +393,7 @@ def test_refreshed_credentials_are_used(
     creds = botocore.credentials.RefreshableCredentials.create_from_metadata(
         refresh(), refresh, "test"
     )
-    getter = FastBlockGetter(settings(server.endpoint), credentials_provider=creds)
+    getter = lean(settings(server.endpoint), credentials_provider=creds)
     getter.get_block(SNAP, 0, "AAAA")
     getter.get_block(SNAP, 0, "AAAA")
     first, second = (parse_head(h)[1] for h in server.heads)
@@ -393,20 +405,23 @@ def test_refreshed_credentials_are_used(
 
 
 def test_session_token_from_the_standard_chain_is_sent(
-    fake: Callable[..., FakeServer], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    lean: Callable[..., LeanGetter],
+    fake: Callable[..., FakeServer],
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_SESSION_TOKEN", "from-the-environment")
-    server = fake(lambda head: block_response(b"x" * 100))
-    FastBlockGetter(settings(server.endpoint)).get_block(SNAP, 0, "AAAA")
+    server = fake(lambda head: block_response(bytes(BLOCK_SIZE)))
+    lean(settings(server.endpoint)).get_block(SNAP, 0, "AAAA")
     assert parse_head(server.heads[0])[1]["x-amz-security-token"] == "from-the-environment"
 
 
 def test_connections_are_reused_and_dropped_ones_replaced(
-    fake: Callable[..., FakeServer], env: dict[str, str]
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
 ) -> None:
     data = os.urandom(BLOCK_SIZE)
     server = fake(lambda head: block_response(data))
-    getter = FastBlockGetter(settings(server.endpoint))
+    getter = lean(settings(server.endpoint))
     for _ in range(5):
         assert getter.get_block(SNAP, 0, "AAAA") == data
     assert server.connections == 1
@@ -419,7 +434,7 @@ def test_connections_are_reused_and_dropped_ones_replaced(
 
 
 def test_connection_close_and_chunked_bodies(
-    fake: Callable[..., FakeServer], env: dict[str, str]
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
 ) -> None:
     data = os.urandom(BLOCK_SIZE)
 
@@ -436,7 +451,7 @@ def test_connection_close_and_chunked_bodies(
         return out + b"0\r\nTrailer: x\r\n\r\n"
 
     server = fake(chunked)
-    getter = FastBlockGetter(settings(server.endpoint))
+    getter = lean(settings(server.endpoint))
     assert getter.get_block(SNAP, 0, "AAAA") == data
     assert getter.get_block(SNAP, 0, "AAAA") == data
     assert server.connections == 2  # Connection: close is honoured
@@ -451,10 +466,14 @@ def test_connection_close_and_chunked_bodies(
     ],
 )
 def test_unverifiable_bodies_are_refused(
-    fake: Callable[..., FakeServer], env: dict[str, str], response: bytes, code: str
+    lean: Callable[..., LeanGetter],
+    fake: Callable[..., FakeServer],
+    env: dict[str, str],
+    response: bytes,
+    code: str,
 ) -> None:
     server = fake(lambda head: response)
-    getter = FastBlockGetter(settings(server.endpoint))
+    getter = lean(settings(server.endpoint))
     with pytest.raises(ChecksumMismatch) as info:
         getter.get_block(SNAP, 0, "AAAA")
     assert (info.value.code, info.value.retryable) == (code, True)
@@ -489,13 +508,14 @@ def error_response(status: str, body: bytes, error_type: str | None = None) -> b
     ],
 )  # fmt: skip
 def test_error_documents_are_parsed_like_botocore(
+    lean: Callable[..., LeanGetter],
     fake: Callable[..., FakeServer],
     env: dict[str, str],
     response: bytes,
     expected: tuple[str, str | None, bool, bool, bool],
 ) -> None:
     server = fake(lambda head: response)
-    fast = FastBlockGetter(settings(server.endpoint))
+    fast = lean(settings(server.endpoint))
     assert outcome(lambda: fast.get_block(SNAP, 0, "AAAA")) == expected
     slow = EbsClient(settings(server.endpoint))
     assert outcome(lambda: slow.get_block(SNAP, 0, "AAAA")) == expected
@@ -503,10 +523,10 @@ def test_error_documents_are_parsed_like_botocore(
 
 @pytest.mark.timeout(20)
 def test_a_silent_server_costs_at_most_the_read_timeout(
-    fake: Callable[..., FakeServer], env: dict[str, str]
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
 ) -> None:
     server = fake(lambda head: None)
-    getter = FastBlockGetter(settings(server.endpoint, read_timeout_s=0.5, connect_timeout_s=2))
+    getter = lean(settings(server.endpoint, read_timeout_s=0.5, connect_timeout_s=2))
     # What ends the wait is the read timeout (the error's kind says so: not a connect failure,
     # not the server); that it ends at all is the timeout marker's to say, not a clock's.
     code, _, retryable, _, _ = outcome(lambda: getter.get_block(SNAP, 0, "AAAA"))
@@ -516,17 +536,18 @@ def test_a_silent_server_costs_at_most_the_read_timeout(
 
 @pytest.mark.timeout(20)
 def test_a_body_that_stalls_halfway_times_out(
-    fake: Callable[..., FakeServer], env: dict[str, str]
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
 ) -> None:
     data = os.urandom(BLOCK_SIZE)
     server = fake(lambda head: block_response(data)[: BLOCK_SIZE // 2])  # then silence
-    getter = FastBlockGetter(settings(server.endpoint, read_timeout_s=0.5))
+    getter = lean(settings(server.endpoint, read_timeout_s=0.5))
     code, _, retryable, _, _ = outcome(lambda: getter.get_block(SNAP, 0, "AAAA"))
     assert (code, retryable) == ("ReadTimeoutError", True)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_https_verifies_against_the_configured_ca_bundle(
+    lean: Callable[..., LeanGetter],
     fake: Callable[..., FakeServer],
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -544,12 +565,12 @@ def test_https_verifies_against_the_configured_ca_bundle(
     data = os.urandom(BLOCK_SIZE)
     server = fake(lambda head: block_response(data), tls=context)
     # Not trusted: a retryable SSL error, like boto3's.
-    getter = FastBlockGetter(settings(server.endpoint))
+    getter = lean(settings(server.endpoint))
     code, _, retryable, _, _ = outcome(lambda: getter.get_block(SNAP, 0, "AAAA"))
     assert (code, retryable) == ("SSLError", True)
     # Trusted through AWS_CA_BUNDLE, as boto3 does; the Host signed is the name, no port 443.
     monkeypatch.setenv("AWS_CA_BUNDLE", cert)
-    getter = FastBlockGetter(settings(server.endpoint))
+    getter = lean(settings(server.endpoint))
     assert getter.get_block(SNAP, 0, "AAAA") == data
     assert getter.get_block(SNAP, 1, "AAAA") == data
     assert server.connections == 2  # one refused by the client, one kept alive

@@ -17,7 +17,7 @@ import pytest
 
 from ebsfuse.ebs.client import ClientSettings, EbsClient
 from ebsfuse.ebs.errors import EbsError
-from ebsfuse.ebs.fastget import FastBlockGetter
+from tests.worker_loop import LeanGetter
 
 SID = "snap-0123456789abcdef0"
 # "Fails within its deadline, never hangs" is each test's timeout to enforce, not a clock's:
@@ -100,9 +100,9 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
 
 
-def getter(server: MisbehavingServer) -> FastBlockGetter:
+def getter(lean: Callable[..., LeanGetter], server: MisbehavingServer) -> LeanGetter:
     # A per-read timeout far longer than the test: only the total deadline can end it.
-    return FastBlockGetter(
+    return lean(
         ClientSettings(endpoint_url=server.endpoint, region="us-east-1", read_timeout_s=300)
     )
 
@@ -122,7 +122,7 @@ HEAD_512K = (
 @pytest.mark.usefixtures("aws")
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_trickle_ends_at_the_total_deadline(
-    serve: Callable[[Behaviour], MisbehavingServer], where: str
+    lean: Callable[..., LeanGetter], serve: Callable[[Behaviour], MisbehavingServer], where: str
 ) -> None:
     def behave(sock: socket.socket) -> None:
         if where == "headers":
@@ -132,7 +132,7 @@ def test_a_trickle_ends_at_the_total_deadline(
             server.trickle(sock, bytes(524288))
 
     server = serve(behave)
-    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA", timeout=1.5))
+    error = failure(lambda: getter(lean, server).get_block(SID, 0, "AAAA", timeout=1.5))
     assert (error.code, error.retryable) == ("ReadTimeoutError", True)
     assert "no whole answer in 1.5 s" in error.message
     assert server.sent > 2  # bytes kept arriving: a per-read timeout would never have fired
@@ -140,6 +140,7 @@ def test_a_trickle_ends_at_the_total_deadline(
 
 @pytest.mark.usefixtures("aws")
 def test_an_oversized_block_answer_is_refused_unread(
+    lean: Callable[..., LeanGetter],
     serve: Callable[[Behaviour], MisbehavingServer],
 ) -> None:
     announced = 64 * 1024 * 1024
@@ -153,7 +154,7 @@ def test_an_oversized_block_answer_is_refused_unread(
             server.send(sock, bytes(65536))
 
     server = serve(behave)
-    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
+    error = failure(lambda: getter(lean, server).get_block(SID, 0, "AAAA"))
     assert (error.code, error.retryable) == ("OversizedBody", True)
     assert "67108864" in error.message
     time.sleep(0.5)  # let the server notice the hang-up
@@ -211,6 +212,7 @@ def test_boto3_calls_have_the_total_deadline_too(
 
 @pytest.mark.usefixtures("aws")
 def test_a_chunk_larger_than_a_block_is_refused_unread(
+    lean: Callable[..., LeanGetter],
     serve: Callable[[Behaviour], MisbehavingServer],
 ) -> None:
     """Chunk sizes are the server's word: one announcing 1 GiB is not read into memory."""
@@ -224,7 +226,7 @@ def test_a_chunk_larger_than_a_block_is_refused_unread(
             server.send(sock, bytes(1 << 20))
 
     server = serve(behave)
-    error = failure(lambda: getter(server).get_block(SID, 0, "AAAA"))
+    error = failure(lambda: getter(lean, server).get_block(SID, 0, "AAAA"))
     assert (error.code, error.retryable) == ("OversizedBody", True)
     time.sleep(0.5)
     assert server.sent < 64 * 1024 * 1024
@@ -232,6 +234,7 @@ def test_a_chunk_larger_than_a_block_is_refused_unread(
 
 @pytest.mark.usefixtures("aws")
 def test_a_tls_handshake_that_never_comes_ends_at_the_deadline(
+    lean: Callable[..., LeanGetter],
     serve: Callable[[Behaviour], MisbehavingServer],
 ) -> None:
     """The deadline follows the socket into TLS: a server that accepts and never shakes hands
@@ -242,6 +245,6 @@ def test_a_tls_handshake_that_never_comes_ends_at_the_deadline(
         region="us-east-1",
         read_timeout_s=300,
     )
-    error = failure(lambda: FastBlockGetter(settings).get_block(SID, 0, "AAAA", timeout=1.5))
+    error = failure(lambda: lean(settings).get_block(SID, 0, "AAAA", timeout=1.5))
     assert (error.code, error.retryable) == ("ReadTimeoutError", True)
     assert "no whole answer in 1.5 s" in error.message  # the deadline's, not the socket's

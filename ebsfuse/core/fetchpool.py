@@ -122,13 +122,14 @@ class FetchPool:
         # One rate for the whole mount, as with threads: the daemon paces every request and
         # learns from every throttling answer; the workers do neither.
         self.limiter = limiter
-        threads = -(-slots // processes)  # each worker can hold its share of the requests
+        # Each worker keeps alive the connections for its share of the requests.
+        connections = -(-slots // processes)
         fields = dataclasses.asdict(settings) | {
             "max_rps": None,
-            "max_pool_connections": threads,
+            "max_pool_connections": connections,
             "audit_log": None,  # the daemon writes the audit log, from the answers
         }
-        self._arguments = [str(slots), str(threads), json.dumps(fields)]
+        self._arguments = [str(slots), str(connections), json.dumps(fields)]
         self._memfd = os.memfd_create("ebsfuse-blocks", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, slots * BLOCK_SIZE)
         self._memory = mmap.mmap(self._memfd, slots * BLOCK_SIZE)

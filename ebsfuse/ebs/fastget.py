@@ -595,6 +595,15 @@ class FastBlockGetter:
             raise
         return _Connection(sock), alarm
 
+    def open_connection(self, deadline: float) -> _Connection:
+        """`connect`, for a caller that keeps the deadline itself from here on (the fetch
+        worker's loop); `_DeadlinePassed` if the deadline cut it first."""
+        conn, alarm = self.connect(deadline)
+        if _WATCHDOG.disarm(alarm):
+            conn.close()
+            raise _DeadlinePassed
+        return conn
+
     # -- credentials ----------------------------------------------------------------------------
 
     @staticmethod
@@ -800,7 +809,7 @@ class FastBlockGetter:
             # A socket timeout set to what was left of the deadline may fire before the
             # watchdog's scan: it is the deadline too, and says so.
             at_deadline = isinstance(exc, TimeoutError) and time.monotonic() >= deadline - 0.05
-            if late or at_deadline or isinstance(exc, _DeadlinePassed):
+            if late or at_deadline:
                 phase = "deadline"
             raise self.network_error(exc, phase, path, where, limit) from None
         late = _WATCHDOG.disarm(alarm)
@@ -888,6 +897,8 @@ class FastBlockGetter:
         """A failure below HTTP, named as botocore names it; `translate` marks it retryable."""
         url = f"{self.endpoint_url.rstrip('/')}{path[len(self._base_path) :]}"
         timed_out = isinstance(exc, TimeoutError | socket.timeout)
+        if isinstance(exc, _DeadlinePassed):
+            phase = "deadline"
         if isinstance(exc, _Oversized):
             code, message = "OversizedBody", f"{exc} ({url})"
         elif phase == "deadline":

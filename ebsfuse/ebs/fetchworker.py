@@ -1,16 +1,30 @@
 """A fetch worker process: GetSnapshotBlock and its checks, outside the daemon's interpreter.
 
-`python -m ebsfuse.ebs.fetchworker FD MEMFD SLOTS THREADS SETTINGS_JSON` is started by the
+`python -m ebsfuse.ebs.fetchworker FD MEMFD SLOTS CONNECTIONS SETTINGS_JSON` is started by the
 daemon's `core.fetchpool.FetchPool`. It reads requests from the socket FD (SOCK_SEQPACKET, one
-pickled tuple a message), fetches each block on one of THREADS threads with the lean client
-(`FastBlockGetter`: SigV4, HTTP/1.1, deadline, length and SHA-256 checked against the
-headers), writes the verified bytes into the request's slot of the shared memory MEMFD, and
-answers with the checksum, or with the error's fields. A block is written to its slot only
-once verified, so the daemon never sees unverified bytes.
+pickled tuple a message), receives each block straight into the request's slot of the shared
+memory MEMFD, checks its length and SHA-256 there, and answers with the checksum, or with the
+error's fields. The daemon reads a slot only after its answer, so it never sees unverified
+bytes. At most CONNECTIONS idle keep-alive connections are kept.
 
-The worker has its own interpreter and GIL: hashing and HTTP parsing here cost the daemon
-nothing. It ends when the daemon closes the socket, and is killed if the daemon dies
-(PR_SET_PDEATHSIG), so no worker outlives its mount.
+The worker has its own interpreter and GIL: hashing and HTTP cost the daemon nothing. It ends
+when the daemon closes the socket, and is killed if the daemon dies (PR_SET_PDEATHSIG), so no
+worker outlives its mount.
+
+One thread serves every request in flight (`FetchLoop`). Measured (#16): with a thread per
+request, the worker paid more for threads than for HTTP. Every socket call released the GIL
+and woke a waiting thread (strace: about 100 futex calls per block), and every request
+datagram woke all the threads idle on the request socket. Here one thread waits on epoll for
+the request socket, every connection, and the wake-ups of the threads that make new
+connections (TCP, a proxy's tunnel, the TLS handshake: blocking, with the lean client's own
+code, and rare under keep-alive).
+
+The rules are the lean client's, not copies: `FastBlockGetter.prepare_block` signs the request
+and sets its time limit, `_ResponseReader` frames the answer (the loop only answers its steps
+from a nonblocking socket), `verified` checks length and SHA-256, and `network_error` /
+`service_error` name each failure as boto3 would. The deadline is kept by the loop instead of
+the watchdog: a flight past its deadline, or silent for the read timeout, is dropped with its
+connection and answered with the error the blocking path gives.
 """
 
 from __future__ import annotations
@@ -21,16 +35,32 @@ import json
 import mmap
 import os
 import pickle
+import queue
+import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from typing import Any
 
 from .. import BLOCK_SIZE
-from .errors import EbsError, NotSent
-from .fastget import FastBlockGetter
+from .errors import ChecksumMismatch, EbsError, NotSent
+from .fastget import (
+    _INTO,
+    _LINE,
+    MAX_ERROR_BODY,
+    FastBlockGetter,
+    PreparedGet,
+    Step,
+    _Connection,
+    _IncompleteBody,
+    _Oversized,
+    _ProtocolError,
+    _Response,
+    _ResponseReader,
+)
 from .ratelimit import Unpaced
 from .settings import ClientSettings
 from .verify import require_whole_block
@@ -38,8 +68,21 @@ from .verify import require_whole_block
 PR_SET_PDEATHSIG = 1
 # A request or an answer: ids, a token of up to a few hundred bytes, an error message.
 MAX_MESSAGE = 64 * 1024
+# Deadlines are seconds long and the blocking path's watchdog looks every 0.25 s; looking every
+# 0.1 s costs a scan of a few dozen flights ten times a second.
+SCAN_S = 0.1
+# New connections are made on this many threads. Keep-alive makes connecting rare (the first
+# requests of a mount, and after the server closes one); four at a time still open a pool of
+# 64 in a few round trips.
+CONNECTORS = 4
+# Bytes received ahead of the reader's steps: a response's head in one receive, and room for
+# the longest header line the reader accepts.
+STREAM_BUFFER = _ResponseReader.MAX_LINE + 64 * 1024
+# What a connection fails with below HTTP (a bug is anything else).
+NETWORK_FAILURES = (OSError, ssl.SSLError, _ProtocolError, _Oversized, _IncompleteBody)
 
 Request = tuple[int, int, str, int, str, float]  # id, slot, snapshot, index, token, timeout
+Answer = tuple[int, dict[str, Any] | None, str | None, float]  # id, error, checksum, seconds
 
 
 def error_fields(error: EbsError) -> dict[str, Any]:
@@ -53,6 +96,7 @@ def error_fields(error: EbsError) -> dict[str, Any]:
         "retryable": error.retryable,
         "throttled": error.throttled,
         "not_sent": isinstance(error, NotSent),
+        "checksum": isinstance(error, ChecksumMismatch),
     }
 
 
@@ -60,7 +104,8 @@ def error_from(fields: dict[str, Any]) -> EbsError:
     """The error `error_fields` described, of the same class."""
     if fields.get("not_sent"):
         return NotSent(fields["message"])
-    return EbsError(
+    kind = ChecksumMismatch if fields.get("checksum") else EbsError
+    return kind(
         fields["message"],
         snapshot_id=fields.get("snapshot_id"),
         block_index=fields.get("block_index"),
@@ -71,56 +116,428 @@ def error_from(fields: dict[str, Any]) -> EbsError:
     )
 
 
-class Worker:
-    """Answers the daemon's requests, several at once, each into its slot."""
+class _WouldBlock(Exception):
+    """The socket has nothing more now: wait until it is readable (writable if `writing`)."""
 
-    def __init__(self, sock: socket.socket, slots: mmap.mmap, getter: FastBlockGetter) -> None:
-        self._sock = sock
-        self._slots = slots
+    def __init__(self, writing: bool = False) -> None:
+        self.writing = writing
+
+
+class Stream:
+    """A keep-alive connection in the loop: its nonblocking socket, and the bytes received past
+    what the reader's steps took. Answers a step as far as the socket allows; a partial answer
+    is kept and completed on the next call."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.sock = conn.sock
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self._buffer = bytearray(STREAM_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+        self._eof = False
+        self._collected = bytearray()  # a _READ answer being gathered
+        self._filled = 0  # an _INTO answer's bytes so far
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def dropped(self) -> bool:
+        """Closed by the server while idle, or with stray bytes after the last answer."""
+        return self._start != self._end or self.conn.dropped()
+
+    def send(self, data: memoryview) -> int:
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            raise _WouldBlock(writing=True) from None
+        except ssl.SSLWantReadError:
+            raise _WouldBlock() from None
+
+    def answer(self, step: Step) -> Any:
+        """What `step` asks for, or `_WouldBlock` until the socket has it."""
+        kind, arg = step
+        if kind == _LINE:
+            return self._line(arg)
+        if kind == _INTO:
+            return self._into(arg)
+        return self._read(arg)
+
+    def _line(self, limit: int) -> bytes:
+        while True:
+            newline = self._buffer.find(b"\n", self._start, self._end)
+            if newline >= 0 or self._end - self._start >= limit or self._eof:
+                stop = self._end if newline < 0 else newline + 1
+                stop = min(stop, self._start + limit)
+                line = bytes(self._view[self._start : stop])
+                self._start = stop
+                return line
+            self._receive()
+
+    def _read(self, size: int) -> bytes:
+        while True:
+            take = min(size - len(self._collected), self._end - self._start)
+            self._collected += self._view[self._start : self._start + take]
+            self._start += take
+            if len(self._collected) == size or self._eof:
+                data, self._collected = bytes(self._collected), bytearray()
+                return data
+            self._receive()
+
+    def _into(self, target: memoryview) -> int:
+        """Fill `target`: what the buffer holds, then straight from the socket, no copy."""
+        take = min(len(target) - self._filled, self._end - self._start)
+        target[self._filled : self._filled + take] = self._view[self._start : self._start + take]
+        self._start += take
+        self._filled += take
+        while self._filled < len(target) and not self._eof:
+            received = self._recv_into(target[self._filled :])
+            self._filled += received
+            self._eof = received == 0
+        filled, self._filled = self._filled, 0
+        return filled
+
+    def _receive(self) -> None:
+        """More bytes into the buffer, after moving what is left to its front."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buffer):
+            left = self._end - self._start
+            self._view[:left] = self._view[self._start : self._end]
+            self._start, self._end = 0, left
+        received = self._recv_into(self._view[self._end :])
+        self._end += received
+        self._eof = received == 0
+
+    def _recv_into(self, target: memoryview) -> int:
+        try:
+            return self.sock.recv_into(target)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            raise _WouldBlock() from None
+        except ssl.SSLWantWriteError:
+            raise _WouldBlock(writing=True) from None
+
+
+class Flight:
+    """One request in the loop, from its arrival to its answer."""
+
+    def __init__(self, request_id: int, slot: int, get: PreparedGet, started: float) -> None:
+        self.request_id = request_id
+        self.slot = slot
+        self.get = get
+        self.started = started
+        self.deadline = started + get.limit
+        self.last_io = started
+        self.stream: Stream | None = None
+        self.reader: _ResponseReader | None = None
+        self.steps: Any = None  # the reader's steps, once it has a connection
+        self.step: Step | None = None
+        self.unsent = memoryview(get.head)
+        self.phase = "connect"
+        self.registered = False
+        self.done = False
+
+
+Made = tuple[Flight, _Connection | None, Exception | None]
+
+
+class Connector:
+    """Makes connections on a few threads, so the loop never waits for a handshake; each one
+    made (or its failure) is handed back with a byte on the wake socket."""
+
+    def __init__(self, getter: FastBlockGetter, threads: int) -> None:
+        self.wake, self._waker = socket.socketpair()
+        self.wake.setblocking(False)
+        self._jobs: queue.SimpleQueue[Flight | None] = queue.SimpleQueue()
+        self.made: queue.SimpleQueue[Made] = queue.SimpleQueue()
         self._getter = getter
-        self._send_lock = threading.Lock()
-
-    def serve(self, threads: int) -> None:
-        """`threads` threads each receive a request (a datagram goes to exactly one of them),
-        answer it, and receive the next: no queue between receiving and fetching."""
-        workers = [
-            threading.Thread(target=self._loop, name=f"fetch-{n}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"connect-{n}", daemon=True)
             for n in range(threads)
         ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        for thread in self._threads:
+            thread.start()
 
-    def _loop(self) -> None:
-        while True:
-            message = self._sock.recv(MAX_MESSAGE)
-            if not message:
-                # The daemon closed its end; wake the other threads with EOF as well.
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
+    def request(self, flight: Flight) -> None:
+        self._jobs.put(flight)
+
+    def _run(self) -> None:
+        while (flight := self._jobs.get()) is not None:
+            conn: _Connection | None = None
+            failure: Exception | None = None
+            try:
+                if flight.done:  # its deadline passed while it waited for a thread
+                    continue
+                conn = self._getter.open_connection(flight.deadline)
+            except Exception as error:
+                failure = error
+            self.made.put((flight, conn, failure))
+            with contextlib.suppress(OSError):
+                self._waker.send(b"!")
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._waker.close()
+        self.wake.close()
+
+
+class FetchLoop:
+    """Answers the daemon's requests from `requests`, each block into its slot of `slots`."""
+
+    def __init__(
+        self, getter: FastBlockGetter, requests: socket.socket, slots: memoryview, keep: int
+    ) -> None:
+        self._getter = getter
+        self._requests = requests
+        self._requests.setblocking(False)
+        self._slots = slots
+        self._keep_at_most = max(1, keep)
+        self._idle: list[Stream] = []
+        self._reading: dict[int, Flight] = {}  # flights with a connection, by its descriptor
+        self._connecting: set[Flight] = set()
+        self._outbox: list[bytes] = []
+        self._epoll = select.epoll()
+        self._connector = Connector(getter, CONNECTORS)
+        self._open = True
+
+    def run(self) -> None:
+        """Serve until the daemon closes its end of the socket."""
+        self._epoll.register(self._requests, select.EPOLLIN)
+        self._epoll.register(self._connector.wake, select.EPOLLIN)
+        requests_fd, wake_fd = self._requests.fileno(), self._connector.wake.fileno()
+        next_scan = time.monotonic() + SCAN_S
+        try:
+            while self._open:
+                busy = self._reading or self._connecting
+                timeout = max(0.0, next_scan - time.monotonic()) if busy else -1
+                for fd, events in self._epoll.poll(timeout):
+                    if fd == requests_fd:
+                        self._requests_ready(events)
+                    elif fd == wake_fd:
+                        self._connections_made()
+                    elif (flight := self._reading.get(fd)) is not None:
+                        self._advance(flight)
+                now = time.monotonic()
+                if now >= next_scan:
+                    self._expire(now)
+                    next_scan = now + SCAN_S
+        finally:
+            self.close()
+
+    # -- requests and answers -------------------------------------------------------------------
+
+    def _requests_ready(self, events: int) -> None:
+        if events & select.EPOLLOUT:
+            self._flush()
+        while self._open:
+            try:
+                message = self._requests.recv(MAX_MESSAGE)
+            except BlockingIOError:
                 return
-            self._answer(pickle.loads(message))
+            except OSError:
+                message = b""
+            if not message:
+                self._open = False  # the daemon closed its end: the mount is ending
+                return
+            self._start(pickle.loads(message))
 
-    def _answer(self, request: Request) -> None:
+    def _start(self, request: Request) -> None:
         request_id, slot, snapshot_id, index, token, timeout = request
         started = time.monotonic()
         try:
-            data, checksum = self._getter.get_verified_block(snapshot_id, index, token, timeout)
-            require_whole_block(data, snapshot_id=snapshot_id, block_index=index)
-            self._slots[slot * BLOCK_SIZE : (slot + 1) * BLOCK_SIZE] = data
-            answer: tuple[Any, ...] = (request_id, None, checksum, time.monotonic() - started)
+            get = self._getter.prepare_block(snapshot_id, index, token, timeout)
         except EbsError as error:
-            answer = (request_id, error_fields(error), None, time.monotonic() - started)
+            self._send((request_id, error_fields(error), None, 0.0))
+            return
+        flight = Flight(request_id, slot, get, started)
+        stream = self._idle_stream()
+        if stream is None:
+            self._connecting.add(flight)
+            self._connector.request(flight)
+        else:
+            self._begin(flight, stream)
+
+    def _send(self, answer: Answer) -> None:
+        self._outbox.append(pickle.dumps(answer))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send the queued answers; if the daemon's socket is full, wait until it is not."""
+        sent = 0
+        try:
+            for message in self._outbox:
+                self._requests.send(message)
+                sent += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._open = False  # the daemon is gone
+            sent = len(self._outbox)
+        del self._outbox[:sent]
+        mask = select.EPOLLIN | (select.EPOLLOUT if self._outbox else 0)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.modify(self._requests, mask)
+
+    # -- connections ----------------------------------------------------------------------------
+
+    def _idle_stream(self) -> Stream | None:
+        while self._idle:
+            stream = self._idle.pop()
+            if not stream.dropped():
+                return stream
+            stream.close()
+        return None
+
+    def _keep(self, stream: Stream) -> None:
+        if len(self._idle) < self._keep_at_most and self._open:
+            self._idle.append(stream)
+        else:
+            stream.close()
+
+    def _connections_made(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._connector.wake.recv(4096):
+                pass
+        while not self._connector.made.empty():
+            flight, conn, failure = self._connector.made.get()
+            if flight not in self._connecting:  # answered already: its deadline passed
+                if conn is not None:
+                    self._keep(Stream(conn))
+                continue
+            self._connecting.discard(flight)
+            if conn is not None:
+                self._begin(flight, Stream(conn))
+            else:
+                assert failure is not None
+                self._fail(flight, failure)
+
+    def _slot(self, slot: int) -> memoryview:
+        return self._slots[slot * BLOCK_SIZE : (slot + 1) * BLOCK_SIZE]
+
+    # -- a flight's progress --------------------------------------------------------------------
+
+    def _begin(self, flight: Flight, stream: Stream) -> None:
+        flight.stream = stream
+        flight.phase = "send"
+        flight.reader = _ResponseReader(MAX_ERROR_BODY, BLOCK_SIZE, self._slot(flight.slot))
+        flight.steps = flight.reader.steps()
+        flight.step = next(flight.steps)
+        self._reading[stream.fd] = flight
+        self._advance(flight)
+
+    def _advance(self, flight: Flight) -> None:
+        """Take the flight as far as its socket allows: send the head, answer the reader's
+        steps, and finish when the response is whole."""
+        stream = flight.stream
+        assert stream is not None and flight.step is not None
+        try:
+            while flight.unsent:
+                flight.unsent = flight.unsent[stream.send(flight.unsent) :]
+            while True:
+                answer = stream.answer(flight.step)
+                flight.last_io = time.monotonic()
+                flight.step = flight.steps.send(answer)
+        except _WouldBlock as wait:
+            writing = wait.writing or bool(flight.unsent)
+            self._watch(flight, select.EPOLLOUT if writing else select.EPOLLIN)
+        except StopIteration as done:
+            self._finish(flight, done.value)
+        except NETWORK_FAILURES as error:
+            self._fail(flight, error)
         except Exception as error:  # a bug here must not leave the daemon waiting
-            fields = error_fields(EbsError(f"fetch worker: {error!r}", code="WorkerError"))
-            answer = (request_id, fields, None, time.monotonic() - started)
-        with self._send_lock:
-            self._sock.send(pickle.dumps(answer))
+            self._fail_by_bug(flight, error)
+
+    def _watch(self, flight: Flight, mask: int) -> None:
+        assert flight.stream is not None
+        if flight.registered:
+            self._epoll.modify(flight.stream.fd, mask)
+        else:
+            self._epoll.register(flight.stream.fd, mask)
+            flight.registered = True
+
+    def _finish(self, flight: Flight, response: _Response) -> None:
+        stream = self._release(flight)
+        if response.reusable:
+            self._keep(stream)
+        else:
+            stream.close()
+        where = flight.get.where
+        try:
+            if response.status >= 300:
+                raise self._getter.service_error(response, where)
+            self._getter.verified(response.body, response.headers, where)
+            require_whole_block(response.body, **where)
+            if not isinstance(response.body, memoryview):  # chunked: not received in place
+                self._slot(flight.slot)[:] = response.body
+        except EbsError as error:
+            self._answer_error(flight, error)
+            return
+        seconds = time.monotonic() - flight.started
+        self._send((flight.request_id, None, response.headers["x-amz-checksum"], seconds))
+
+    def _fail(self, flight: Flight, error: BaseException, phase: str | None = None) -> None:
+        """The flight ends with a failure below HTTP; its connection is not reused."""
+        if flight.reader is not None and flight.reader.in_body:
+            flight.phase = "body"
+        if flight.stream is not None:
+            self._release(flight).close()
+        if isinstance(error, TimeoutError) and time.monotonic() >= flight.deadline - 0.05:
+            phase = "deadline"  # a connect timeout cut short by the deadline is the deadline
+        get = flight.get
+        failure = self._getter.network_error(
+            error, phase or flight.phase, get.path, get.where, get.limit
+        )
+        self._answer_error(flight, failure)
+
+    def _fail_by_bug(self, flight: Flight, error: Exception) -> None:
+        if flight.stream is not None:
+            self._release(flight).close()
+        failure = EbsError(f"fetch worker: {error!r}", code="WorkerError", **flight.get.where)
+        self._answer_error(flight, failure)
+
+    def _answer_error(self, flight: Flight, error: EbsError) -> None:
+        flight.done = True
+        seconds = time.monotonic() - flight.started
+        self._send((flight.request_id, error_fields(error), None, seconds))
+
+    def _release(self, flight: Flight) -> Stream:
+        stream = flight.stream
+        assert stream is not None
+        flight.stream = None
+        del self._reading[stream.fd]
+        if flight.registered:
+            flight.registered = False
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(stream.fd)
+        return stream
+
+    def _expire(self, now: float) -> None:
+        """Flights past their deadline, or silent for the read timeout, fail as they would on
+        the blocking path: the deadline's ReadTimeoutError, or a read timeout."""
+        for flight in [f for f in self._connecting if now >= f.deadline]:
+            self._connecting.discard(flight)  # its connection, when made, is kept for later
+            self._fail(flight, TimeoutError(), "deadline")
+        read_timeout = self._getter.settings.read_timeout_s
+        for flight in list(self._reading.values()):
+            if now >= flight.deadline:
+                self._fail(flight, TimeoutError(), "deadline")
+            elif now >= flight.last_io + read_timeout:
+                self._fail(flight, TimeoutError())
+
+    def close(self) -> None:
+        for flight in list(self._reading.values()):
+            self._release(flight).close()
+        for stream in self._idle:
+            stream.close()
+        self._idle.clear()
+        self._connector.close()
+        self._epoll.close()
 
 
 def main(argv: list[str]) -> None:
-    fd, memfd, slots, threads = (int(x) for x in argv[:4])
+    fd, memfd, slots, connections = (int(x) for x in argv[:4])
     settings = ClientSettings(**json.loads(argv[4]))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -137,7 +554,7 @@ def main(argv: list[str]) -> None:
         # Reported by failing every request: the daemon names it once per block it needed.
         sock.send(pickle.dumps((-1, error_fields(error), None, 0.0)))
         return
-    Worker(sock, memory, getter).serve(threads)
+    FetchLoop(getter, sock, memoryview(memory), connections).run()
 
 
 if __name__ == "__main__":
