@@ -18,8 +18,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from ebsfuse import BLOCK_SIZE
+from ebsfuse.core.fetchpool import FetchPool
+from ebsfuse.ebs.client import ClientSettings, EbsClient
+from ebsfuse.ebs.ratelimit import RateLimiter
 from ebsfuse.emulator import Emulator
 
 from .conftest import MountedSnapshots, daemon_pids, needs_fuse, wait_for
@@ -118,3 +122,42 @@ def test_workers_die_with_a_killed_daemon(
             lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers),
             what="the workers to end with their daemon",
         )
+
+
+@pytest.mark.timeout(60)
+def test_a_request_abandoned_in_flight_keeps_its_slot_until_its_answer(
+    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]
+) -> None:
+    """With every slot taken, a request cancelled while its worker still fetches (its budget
+    spent, say) must not hand its slot on: the worker writes its block there when the answer
+    comes. The next request waits for that answer, then gets its own block."""
+    sid, blocks = snapshot
+    client = EbsClient(ClientSettings())
+    tokens = dict(client.list_blocks(sid).blocks)
+    client.close()
+    gate = emu.gate(sid, 2)
+
+    async def abandon_when_held(first: trio.CancelScope) -> None:
+        while gate.arrived == 0:
+            await trio.sleep(0.02)
+        first.cancel()
+
+    async def release_soon() -> None:
+        await trio.sleep(0.3)
+        gate.release()
+
+    async def scenario() -> bytes:
+        pool = FetchPool(ClientSettings(), processes=1, slots=1, limiter=RateLimiter(None))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve)
+            with trio.CancelScope() as first:
+                nursery.start_soon(abandon_when_held, first)
+                await pool.get(sid, 2, tokens[2], timeout=30)
+            assert first.cancelled_caught
+            nursery.start_soon(release_soon)
+            data, _checksum, _seconds = await pool.get(sid, 4, tokens[4], timeout=30)
+            nursery.cancel_scope.cancel()
+        return data
+
+    assert trio.run(scenario) == blocks[4]
+    assert emu.counters()["requests"]["GetSnapshotBlock"] == 2

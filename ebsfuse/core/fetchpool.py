@@ -135,7 +135,7 @@ class FetchPool:
         self._memory = mmap.mmap(self._memfd, slots * BLOCK_SIZE)
         self._view = memoryview(self._memory)
         self._free = list(range(slots))
-        self._turns = trio.Semaphore(slots)
+        self._slot_freed = trio.lowlevel.ParkingLot()
         self._waiting: dict[int, _Waiter] = {}
         self._ids = itertools.count()
         self._workers: list[_Worker] = []
@@ -172,28 +172,40 @@ class FetchPool:
         if wait:
             await trio.sleep(wait)
             timeout -= wait
-        async with self._turns:
-            slot = self._free.pop()
-            worker = min(self._workers, key=lambda w: w.busy)
-            waiter = _Waiter(slot, worker)
-            request_id = next(self._ids)
-            self._waiting[request_id] = waiter
-            worker.busy += 1
-            request = (request_id, slot, snapshot_id, index, token, timeout)
-            try:
-                await worker.send(pickle.dumps(request))
-                await waiter.event.wait()
-            except BaseException:
-                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
-                raise
-            return self._take(waiter)
+        slot = await self._slot()
+        worker = min(self._workers, key=lambda w: w.busy)
+        waiter = _Waiter(slot, worker)
+        request_id = next(self._ids)
+        self._waiting[request_id] = waiter
+        worker.busy += 1
+        request = (request_id, slot, snapshot_id, index, token, timeout)
+        try:
+            await worker.send(pickle.dumps(request))
+            await waiter.event.wait()
+        except BaseException:
+            waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+            raise
+        return self._take(waiter)
+
+    async def _slot(self) -> int:
+        """A free slot: at once if there is one (the usual case, no scheduling), else the
+        first one freed. A slot is held until its answer arrives, also by an abandoned
+        request, so the count of free slots, not of requests, is what must be waited on."""
+        while not self._free:
+            await self._slot_freed.park()
+        return self._free.pop()
+
+    def _free_slot(self, slot: int) -> None:
+        self._free.append(slot)
+        self._slot_freed.unpark()
 
     def _take(self, waiter: _Waiter) -> tuple[bytes, str, float]:
         answer = waiter.answer
         assert answer is not None
         _, error, checksum, seconds = answer
-        data = None if error else bytes(self._view[waiter.slot * BLOCK_SIZE :][:BLOCK_SIZE])
-        self._free.append(waiter.slot)
+        start = waiter.slot * BLOCK_SIZE
+        data = None if error else bytes(self._view[start : start + BLOCK_SIZE])
+        self._free_slot(waiter.slot)
         if error:
             failure = error_from(error)
             if failure.throttled:
@@ -227,7 +239,7 @@ class FetchPool:
         waiter.worker.busy -= 1
         waiter.answer = answer
         if waiter.abandoned:
-            self._free.append(waiter.slot)
+            self._free_slot(waiter.slot)
         else:
             waiter.event.set()
 
