@@ -15,6 +15,8 @@ import json
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import trio
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.core.fetchpool import FetchPool
 from ebsfuse.ebs.client import ClientSettings, EbsClient
+from ebsfuse.ebs.errors import NotSent
 from ebsfuse.ebs.ratelimit import RateLimiter
 from ebsfuse.emulator import Emulator
 
@@ -125,12 +128,13 @@ def test_workers_die_with_a_killed_daemon(
 
 
 @pytest.mark.timeout(60)
-def test_a_request_abandoned_in_flight_keeps_its_slot_until_its_answer(
+def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_not_sent(
     emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]
 ) -> None:
     """With every slot taken, a request cancelled while its worker still fetches (its budget
     spent, say) must not hand its slot on: the worker writes its block there when the answer
-    comes. The next request waits for that answer, then gets its own block."""
+    comes. The next request waits for that answer; if its budget is spent by then, it is not
+    sent at all, and the one after it gets its own block."""
     sid, blocks = snapshot
     client = EbsClient(ClientSettings())
     tokens = dict(client.list_blocks(sid).blocks)
@@ -142,9 +146,17 @@ def test_a_request_abandoned_in_flight_keeps_its_slot_until_its_answer(
             await trio.sleep(0.02)
         first.cancel()
 
-    async def release_soon() -> None:
-        await trio.sleep(0.3)
+    async def release_later() -> None:
+        await trio.sleep(1.0)
         gate.release()
+
+    def short_budget(deadline: float) -> Callable[[], float]:
+        def time_left() -> float:
+            if deadline - time.monotonic() < 0.5:
+                raise NotSent("the budget was spent waiting")
+            return deadline - time.monotonic()
+
+        return time_left
 
     async def scenario() -> bytes:
         pool = FetchPool(ClientSettings(), processes=1, slots=1, limiter=RateLimiter(None))
@@ -152,12 +164,15 @@ def test_a_request_abandoned_in_flight_keeps_its_slot_until_its_answer(
             await nursery.start(pool.serve)
             with trio.CancelScope() as first:
                 nursery.start_soon(abandon_when_held, first)
-                await pool.get(sid, 2, tokens[2], timeout=30)
+                await pool.get(sid, 2, tokens[2], time_left=lambda: 30.0)
             assert first.cancelled_caught
-            nursery.start_soon(release_soon)
-            data, _checksum, _seconds = await pool.get(sid, 4, tokens[4], timeout=30)
+            nursery.start_soon(release_later)
+            with pytest.raises(NotSent):
+                await pool.get(sid, 6, tokens[6], short_budget(time.monotonic() + 0.8))
+            data, _checksum, _seconds = await pool.get(sid, 4, tokens[4], lambda: 30.0)
             nursery.cancel_scope.cancel()
         return data
 
     assert trio.run(scenario) == blocks[4]
+    # Blocks 2 (abandoned, answered anyway) and 4; block 6 was never sent.
     assert emu.counters()["requests"]["GetSnapshotBlock"] == 2

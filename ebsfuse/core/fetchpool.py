@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -157,11 +158,17 @@ class FetchPool:
         return _Worker(number, self._arguments, self._memfd)
 
     async def get(
-        self, snapshot_id: str, index: int, token: str, timeout: float
+        self, snapshot_id: str, index: int, token: str, time_left: Callable[[], float]
     ) -> tuple[bytes, str, float]:
-        """(verified block, its base64 SHA-256, seconds the request took), or EbsError."""
+        """(verified block, its base64 SHA-256, seconds the request took), or EbsError.
+
+        `time_left()` is how long the request may take if sent now (NotSent if too little is
+        left): asked before the turn of the request rate, and again once a slot is free, so a
+        request queued behind others gets what is left, or is not sent.
+        """
         if self._broken is not None:
             raise self._broken.fresh()
+        timeout = time_left()
         wait = self.limiter.reserve(time.monotonic() + timeout)
         if wait is None:
             rate = self.limiter.rps or 0.0
@@ -171,8 +178,12 @@ class FetchPool:
             )
         if wait:
             await trio.sleep(wait)
-            timeout -= wait
         slot = await self._slot()
+        try:
+            timeout = time_left()
+        except NotSent:
+            self._free_slot(slot)
+            raise
         worker = min(self._workers, key=lambda w: w.busy)
         waiter = _Waiter(slot, worker)
         request_id = next(self._ids)

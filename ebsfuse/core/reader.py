@@ -242,9 +242,10 @@ class FetchContext:
         count_requests: bool = False,
         awaited: bool = False,
     ) -> T:
-        """`request(timeout=...)` in a worker thread under the concurrency limit (or awaited,
-        if `awaited`), retried by the policy until trio's clock reaches `deadline`; the error
-        raised carries its attempts.
+        """`request(timeout=...)` in a worker thread under the concurrency limit, retried by the
+        policy until trio's clock reaches `deadline`; the error raised carries its attempts.
+        If `awaited`, `request(time_left=...)` is awaited here instead: it hands its work to a
+        fetch worker process, whose pool bounds the requests in flight with its slots.
 
         The trio driver of the one retry loop (`retry.Attempts`), for everything the pipeline
         sends: block fetches (`count_requests` adds each request sent to `stats.get_requests`)
@@ -272,11 +273,14 @@ class FetchContext:
     async def _attempt(
         self, request: Callable[..., Any], wall_deadline: float, awaited: bool
     ) -> Any:
-        """One attempt under the concurrency limit: `request(timeout=)` in a worker thread, or
-        awaited here when it hands its work to a fetch worker process (`awaited`)."""
+        """One attempt: `request(timeout=)` in a worker thread under the concurrency limit, or
+        `request(time_left=)` awaited here (`awaited`). The fetch pool's slot is held from
+        sending to the answer, also by an attempt abandoned, so it is the exact limit of
+        requests in flight; `time_left` gives what the attempt may take when it has one."""
         if awaited:
-            async with self.limiter:
-                return await request(timeout=attempt_timeout(self.policy, wall_deadline))
+            return await request(
+                time_left=functools.partial(attempt_timeout, self.policy, wall_deadline)
+            )
         return await trio.to_thread.run_sync(
             attempt_by, self.policy, request, wall_deadline, limiter=self.limiter,
             **ABANDON_ON_CANCEL,
@@ -448,12 +452,14 @@ class SnapshotReader:
             self.ctx.on_fetched(self.snapshot_id, index, data)
         return data, seconds
 
-    async def _pooled_get(self, index: int, token: str, *, timeout: float) -> tuple[bytes, float]:
+    async def _pooled_get(
+        self, index: int, token: str, *, time_left: Callable[[], float]
+    ) -> tuple[bytes, float]:
         """`_timed_get` through a fetch worker process: the audit line and the disk tier are
         the daemon's to write, from the worker's answer."""
         ctx = self.ctx
         assert ctx.pool is not None
-        data, checksum, seconds = await ctx.pool.get(self.snapshot_id, index, token, timeout)
+        data, checksum, seconds = await ctx.pool.get(self.snapshot_id, index, token, time_left)
         if ctx.client.audit is not None:
             ctx.client.audit.record(self.snapshot_id, index, len(data), checksum)
         if ctx.disk is not None:
