@@ -49,7 +49,8 @@ class LoopGetter:
         request_id = next(self._ids)
         request = (request_id, 0, snapshot_id, index, token, timeout or NO_TIMEOUT)
         self._ours.send(pickle.dumps(request))
-        answer_id, error, _checksum, _seconds = pickle.loads(self._ours.recv(MAX_MESSAGE))
+        (answer,) = pickle.loads(self._ours.recv(MAX_MESSAGE))  # a round's answers: this one
+        answer_id, error, _checksum, _seconds = answer
         assert answer_id == request_id
         if error is not None:
             raise error_from(error)

@@ -230,7 +230,8 @@ class FetchPool:
             worker = self._workers[number]
             message = await worker.receive()
             if message:
-                self._settle(pickle.loads(message))
+                for answer in pickle.loads(message):  # the answers of one round of the worker
+                    self._settle(answer)
                 if received % DRAIN_BATCH == 0:
                     await trio.sleep(0)  # a long drain lets the FUSE handlers run too
                 continue

@@ -66,8 +66,10 @@ from .settings import ClientSettings
 from .verify import require_whole_block
 
 PR_SET_PDEATHSIG = 1
-# A request or an answer: ids, a token of up to a few hundred bytes, an error message.
+# A request, or a round's answers: ids, a token of up to a few hundred bytes, error messages.
 MAX_MESSAGE = 64 * 1024
+# An error's message crosses to the daemon cut here (a proxy's page can make one long).
+MAX_ERROR_MESSAGE = 4096
 # Deadlines are seconds long and the blocking path's watchdog looks every 0.25 s; looking every
 # 0.1 s costs a scan of a few dozen flights ten times a second.
 SCAN_S = 0.1
@@ -88,7 +90,7 @@ Answer = tuple[int, dict[str, Any] | None, str | None, float]  # id, error, chec
 def error_fields(error: EbsError) -> dict[str, Any]:
     """An error as plain fields, to cross the process boundary and be raised again."""
     return {
-        "message": error.message,
+        "message": error.message[:MAX_ERROR_MESSAGE],
         "snapshot_id": error.snapshot_id,
         "block_index": error.block_index,
         "code": error.code,
@@ -134,15 +136,23 @@ class Stream:
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
         self._eof = False
+        self._closed_while_idle = False
         self._collected = bytearray()  # a _READ answer being gathered
         self._filled = 0  # an _INTO answer's bytes so far
 
     def close(self) -> None:
         self.conn.close()
 
+    @property
     def dropped(self) -> bool:
-        """Closed by the server while idle, or with stray bytes after the last answer."""
-        return self._start != self._end or self.conn.dropped()
+        """Not to be reused: bytes past the last answer, or the server closed it while idle."""
+        return self._start != self._end or self._eof or self._closed_while_idle
+
+    def check_dropped(self) -> None:
+        """An idle stream had an event: the server closed it or sent something unasked (or
+        the event was for the last bytes of its answer, already read: poll tells which).
+        Checking here, on events, spares a poll per request before reuse."""
+        self._closed_while_idle = self._closed_while_idle or self.conn.dropped()
 
     def send(self, data: memoryview) -> int:
         try:
@@ -286,10 +296,12 @@ class FetchLoop:
         self._requests.setblocking(False)
         self._slots = slots
         self._keep_at_most = max(1, keep)
-        self._idle: list[Stream] = []
+        self._idle: dict[int, Stream] = {}  # kept alive for the next request, by descriptor
         self._reading: dict[int, Flight] = {}  # flights with a connection, by its descriptor
         self._connecting: set[Flight] = set()
-        self._outbox: list[bytes] = []
+        self._answers: list[Answer] = []  # this round's, sent together by `_flush`
+        self._pending: list[bytes] = []  # messages the daemon's socket had no room for yet
+        self._waiting_to_send = False
         self._epoll = select.epoll()
         self._connector = Connector(getter, CONNECTORS)
         self._open = True
@@ -311,10 +323,14 @@ class FetchLoop:
                         self._connections_made()
                     elif (flight := self._reading.get(fd)) is not None:
                         self._advance(flight)
+                    elif (idle := self._idle.get(fd)) is not None:
+                        idle.check_dropped()
                 now = time.monotonic()
                 if now >= next_scan:
                     self._expire(now)
                     next_scan = now + SCAN_S
+                if self._answers:
+                    self._flush()
         finally:
             self.close()
 
@@ -322,7 +338,7 @@ class FetchLoop:
 
     def _requests_ready(self, events: int) -> None:
         if events & select.EPOLLOUT:
-            self._flush()
+            self._send_pending()
         while self._open:
             try:
                 message = self._requests.recv(MAX_MESSAGE)
@@ -352,39 +368,56 @@ class FetchLoop:
             self._begin(flight, stream)
 
     def _send(self, answer: Answer) -> None:
-        self._outbox.append(pickle.dumps(answer))
-        self._flush()
+        self._answers.append(answer)
 
     def _flush(self) -> None:
-        """Send the queued answers; if the daemon's socket is full, wait until it is not."""
+        """The answers of this round, as few messages: one wake-up of the daemon and one
+        receive there for all the blocks that arrived together."""
+        batches = [self._answers]
+        self._answers = []
+        while batches:
+            batch = batches.pop()
+            message = pickle.dumps(batch)
+            if len(message) > MAX_MESSAGE and len(batch) > 1:
+                half = len(batch) // 2
+                batches += [batch[half:], batch[:half]]
+            else:
+                self._pending.append(message)
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Send the messages queued; if the daemon's socket is full, wait until it is not."""
+        was_waiting = self._waiting_to_send
         sent = 0
         try:
-            for message in self._outbox:
+            for message in self._pending:
                 self._requests.send(message)
                 sent += 1
         except BlockingIOError:
             pass
         except OSError:
             self._open = False  # the daemon is gone
-            sent = len(self._outbox)
-        del self._outbox[:sent]
-        mask = select.EPOLLIN | (select.EPOLLOUT if self._outbox else 0)
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.modify(self._requests, mask)
+            sent = len(self._pending)
+        del self._pending[:sent]
+        self._waiting_to_send = bool(self._pending)
+        if self._waiting_to_send != was_waiting:
+            mask = select.EPOLLIN | (select.EPOLLOUT if self._waiting_to_send else 0)
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.modify(self._requests, mask)
 
     # -- connections ----------------------------------------------------------------------------
 
     def _idle_stream(self) -> Stream | None:
         while self._idle:
-            stream = self._idle.pop()
-            if not stream.dropped():
+            _, stream = self._idle.popitem()
+            if not stream.dropped:
                 return stream
             stream.close()
         return None
 
     def _keep(self, stream: Stream) -> None:
-        if len(self._idle) < self._keep_at_most and self._open:
-            self._idle.append(stream)
+        if len(self._idle) < self._keep_at_most and self._open and not stream.dropped:
+            self._idle[stream.fd] = stream
         else:
             stream.close()
 
@@ -516,7 +549,7 @@ class FetchLoop:
     def close(self) -> None:
         for flight in list(self._reading.values()):
             self._release(flight).close()
-        for stream in self._idle:
+        for stream in self._idle.values():
             stream.close()
         self._idle.clear()
         self._connector.close()
@@ -539,7 +572,7 @@ def main(argv: list[str]) -> None:
         getter.limiter = Unpaced()  # the daemon paces every request of the mount
     except EbsError as error:
         # Reported by failing every request: the daemon names it once per block it needed.
-        sock.send(pickle.dumps((-1, error_fields(error), None, 0.0)))
+        sock.send(pickle.dumps([(-1, error_fields(error), None, 0.0)]))
         return
     FetchLoop(getter, sock, memoryview(memory), connections).run()
 
