@@ -8,9 +8,11 @@ sends a few hundred bytes, receives a few dozen, and copies the block out of its
 
 Protocol, all on the trio thread, no `await` between the steps of each line:
 1. `get` takes a free slot (at most `slots` requests in flight, so the shared memory is
-   bounded), registers a waiter under a new request id, and sends the request to the worker
-   with the fewest in flight.
-2. Each worker's reader task receives answers and wakes the waiter of each.
+   bounded: the slots are `--max-concurrency`, the mount's limit of requests in flight),
+   registers a waiter under a new request id, and sends the request to the worker with the
+   fewest in flight.
+2. Each worker's reader task receives answers, a list per message (the answers of one round
+   of the worker's loop), and wakes the waiter of each.
 3. The waiter copies its slot's bytes and frees the slot.
 4. A waiter cancelled (budget spent, shutdown) leaves its slot to be freed when its answer
    arrives: the worker's request has its own deadline, so the answer does arrive.
