@@ -574,3 +574,24 @@ def test_https_verifies_against_the_configured_ca_bundle(
     assert getter.get_block(SNAP, 0, "AAAA") == data
     assert getter.get_block(SNAP, 1, "AAAA") == data
     assert server.connections == 2  # one refused by the client, one kept alive
+
+
+def test_an_answer_nobody_asked_for_is_never_taken_for_the_next(
+    lean: Callable[..., LeanGetter], fake: Callable[..., FakeServer], env: dict[str, str]
+) -> None:
+    """A server (or a proxy) that sends a second, well-formed answer after the first: it
+    carries another block's bytes with their own valid checksum, so on a reused connection it
+    would pass as the answer to the next request. The connection must not be reused."""
+    data = {index: os.urandom(BLOCK_SIZE) for index in (0, 1, 99)}
+
+    def respond(head: bytes) -> bytes:
+        index = int(parse_head(head)[0].split("?")[0].rsplit("/", 1)[1])
+        answer = block_response(data[index])
+        return answer + block_response(data[99]) if index == 0 else answer
+
+    server = fake(respond)
+    getter = lean(settings(server.endpoint))
+    assert getter.get_block(SNAP, 0, "AAAA") == data[0]
+    time.sleep(0.2)  # the unasked answer has arrived
+    assert getter.get_block(SNAP, 1, "AAAA") == data[1]
+    assert server.connections == 2

@@ -136,23 +136,18 @@ class Stream:
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
         self._eof = False
-        self._closed_while_idle = False
         self._collected = bytearray()  # a _READ answer being gathered
         self._filled = 0  # an _INTO answer's bytes so far
 
     def close(self) -> None:
         self.conn.close()
 
-    @property
     def dropped(self) -> bool:
-        """Not to be reused: bytes past the last answer, or the server closed it while idle."""
-        return self._start != self._end or self._eof or self._closed_while_idle
-
-    def check_dropped(self) -> None:
-        """An idle stream had an event: the server closed it or sent something unasked (or
-        the event was for the last bytes of its answer, already read: poll tells which).
-        Checking here, on events, spares a poll per request before reuse."""
-        self._closed_while_idle = self._closed_while_idle or self.conn.dropped()
+        """Not to be reused: bytes past the last answer, the end of the stream, or (asked of
+        the socket just before reuse, as the blocking pool does) anything readable while idle.
+        Bytes nobody asked for may be a whole answer to some other request: read as the next
+        answer they would pass its checksum with another block's bytes."""
+        return self._start != self._end or self._eof or self.conn.dropped()
 
     def send(self, data: memoryview) -> int:
         try:
@@ -323,8 +318,6 @@ class FetchLoop:
                         self._connections_made()
                     elif (flight := self._reading.get(fd)) is not None:
                         self._advance(flight)
-                    elif (idle := self._idle.get(fd)) is not None:
-                        idle.check_dropped()
                 now = time.monotonic()
                 if now >= next_scan:
                     self._expire(now)
@@ -410,13 +403,13 @@ class FetchLoop:
     def _idle_stream(self) -> Stream | None:
         while self._idle:
             _, stream = self._idle.popitem()
-            if not stream.dropped:
+            if not stream.dropped():
                 return stream
             stream.close()
         return None
 
     def _keep(self, stream: Stream) -> None:
-        if len(self._idle) < self._keep_at_most and self._open and not stream.dropped:
+        if len(self._idle) < self._keep_at_most and self._open:
             self._idle[stream.fd] = stream
         else:
             stream.close()
