@@ -176,3 +176,55 @@ def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_n
     assert trio.run(scenario) == blocks[4]
     # Blocks 2 (abandoned, answered anyway) and 4; block 6 was never sent.
     assert emu.counters()["requests"]["GetSnapshotBlock"] == 2
+
+
+@pytest.mark.timeout(90)
+def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
+    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]
+) -> None:
+    """A stopped worker takes no requests: once the socket's buffer is full (a few hundred
+    requests) the daemon's sends wait. Cancelled then, a request that was sent keeps its slot
+    until its answer; one that was not sent must give its slot back at once, since no answer
+    will ever come for it. Afterwards every slot is free and the pool serves again."""
+    sid, blocks = snapshot
+    client = EbsClient(ClientSettings())
+    tokens = dict(client.list_blocks(sid).blocks)
+    client.close()
+    # More requests than the socket's buffer holds (about 200 of these), each with a slot:
+    # the slots are sparse shared memory, only touched when a block arrives.
+    slots = 512
+
+    async def storm(pool: FetchPool) -> None:
+        with trio.move_on_after(1):
+            async with trio.open_nursery() as nursery:
+                for n in range(slots):
+                    index = sorted(tokens)[n % len(tokens)]
+                    nursery.start_soon(pool.get, sid, index, tokens[index], lambda: 30.0)
+
+    async def scenario() -> dict[int, bytes]:
+        pool = FetchPool(ClientSettings(), processes=1, slots=slots, limiter=RateLimiter(None))
+        got: dict[int, bytes] = {}
+
+        async def fetch(index: int, token: str) -> None:
+            got[index] = (await pool.get(sid, index, token, lambda: 30.0))[0]
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve)
+            (worker,) = workers_of(os.getpid())
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await storm(pool)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            # The requests sent are answered now; their slots come back with the answers.
+            with trio.fail_after(45):
+                while len(pool._free) < slots:  # white-box: a leaked slot never comes back
+                    await trio.sleep(0.05)
+            with trio.fail_after(30):
+                async with trio.open_nursery() as again:
+                    for index, token in tokens.items():
+                        again.start_soon(fetch, index, token)
+            nursery.cancel_scope.cancel()
+        return got
+
+    assert trio.run(scenario) == blocks

@@ -82,16 +82,18 @@ class _Worker:
         ours.setblocking(False)
         self.sock = ours
         self.busy = 0
+        self._room = trio.Lock()  # held by the one task waiting for the socket to take more
 
     async def send(self, message: bytes) -> None:
-        # Straight to the socket; a full socket buffer (rare: answers are drained at once)
-        # waits to be writable.
+        """Straight to the socket. A full socket (a worker stopped or starved: its buffer holds
+        about 200 requests) is waited on by one task at a time, as trio requires of an fd."""
         while True:
             try:
                 self.sock.send(message)
                 return
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.sock)
+                async with self._room:
+                    await trio.lowlevel.wait_writable(self.sock)
 
     async def receive(self) -> bytes:
         """The next answer; b"" when the worker is gone. Answers already queued are taken
@@ -194,6 +196,21 @@ class FetchPool:
         request = (request_id, slot, snapshot_id, index, token, timeout)
         try:
             await worker.send(pickle.dumps(request))
+        except BaseException as error:
+            # Not sent (a message goes whole or not at all): no answer will free the slot.
+            del self._waiting[request_id]
+            worker.busy -= 1
+            self._free_slot(slot)
+            if isinstance(error, OSError):
+                raise EbsError(
+                    f"fetch worker {worker.number} took no request: {error}",
+                    snapshot_id=snapshot_id,
+                    block_index=index,
+                    code="WorkerLost",
+                    retryable=True,
+                ) from None
+            raise
+        try:
             await waiter.event.wait()
         except BaseException:
             waiter.abandoned = True  # `_settle` frees the slot when the answer comes
