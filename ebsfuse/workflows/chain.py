@@ -22,6 +22,7 @@ The runtime directory is `$EBSFUSE_RUNTIME_DIR`, else `/run/ebsfuse` for root, e
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 UMOUNT_BUSY_RETRY_S = 5.0
 # A daemon asked to stop unmounts at once; one that has not exited after this is killed.
 DAEMON_STOP_TIMEOUT_S = 15.0
+# How long the private mount point may stay busy after its daemon is gone (its kernel mount
+# going away): a FUSE unmount completes in milliseconds.
+MOUNTPOINT_BUSY_S = 2.0
 # Bytes read from the start of a partition to recognise its filesystem: btrfs keeps its magic
 # at 64 KiB + 64, the farthest of those looked for. One or two EBS blocks at most.
 PROBE_BYTES = 0x10040 + 8
@@ -403,8 +407,7 @@ class Chain:
                     os.rmdir(target)
         with contextlib.suppress(OSError):
             os.unlink(self.state_path)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.image_dir)
+        _remove_mountpoint(self.image_dir)
         with contextlib.suppress(OSError):
             os.rmdir(self.base)
 
@@ -439,6 +442,21 @@ class Chain:
             os.kill(pid, signal.SIGKILL)
         if self._proc is not None:
             self._proc.wait()
+
+
+def _remove_mountpoint(path: str) -> None:
+    """Remove the private mount point, waiting a moment while it is still busy: a daemon
+    stopped as it came up (Ctrl-C during its start) may still be taking its mount down. Once
+    in a full test run the directory outlived the mount by an instant and was left behind."""
+    deadline = time.monotonic() + MOUNTPOINT_BUSY_S
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except OSError as error:
+            if error.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return
+        time.sleep(0.05)
 
 
 def _attach_loop(path: str, direct_io: bool) -> str:
