@@ -595,3 +595,96 @@ def test_an_answer_nobody_asked_for_is_never_taken_for_the_next(
     time.sleep(0.2)  # the unasked answer has arrived
     assert getter.get_block(SNAP, 1, "AAAA") == data[1]
     assert server.connections == 2
+
+
+def good_block_after(first: bytes, data: bytes) -> Callable[[bytes], bytes]:
+    """`first` for the first request, a good block for every later one."""
+    answered: list[bytes] = []
+
+    def respond(head: bytes) -> bytes:
+        answered.append(head)
+        return first if len(answered) == 1 else block_response(data)
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        # The server chooses an error's code and reason: 80 KB of each cross no worse.
+        (b"HTTP/1.1 400 Bad Request\r\nx-amzn-ErrorType: " + b"A" * 40000
+         + b"\r\nx-amzn-ErrorType: " + b"B" * 40000 + b"\r\nContent-Length: 65014\r\n\r\n"
+         + b'{"Reason": "' + b"R" * 65000 + b'"}', "A" * 40000 + ", " + "B" * 40000),
+        # Nested past the JSON parser's depth: a proxy's garbage, not the service's document.
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 60000\r\n\r\n" + b"[" * 60000, "500"),
+    ],
+    ids=["huge fields", "deep nesting"],
+)  # fmt: skip
+def test_an_error_answer_the_server_inflates_is_one_error_and_the_next_request_works(
+    lean: Callable[..., LeanGetter],
+    fake: Callable[..., FakeServer],
+    env: dict[str, str],
+    first: bytes,
+    code: str,
+) -> None:
+    data = os.urandom(BLOCK_SIZE)
+    server = fake(good_block_after(first, data))
+    getter = lean(settings(server.endpoint))
+    error = outcome(lambda: getter.get_block(SNAP, 0, "AAAA"))
+    assert error[0] is not None and code.startswith(error[0][:256])
+    assert getter.get_block(SNAP, 1, "AAAA") == data
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\n" * 1000, "ConnectionClosedError"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n"
+         + b"Trailer: more\r\n" * 1000, "ResponseStreamingError"),
+    ],
+    ids=["interim responses", "trailer lines"],
+)  # fmt: skip
+def test_an_answer_that_never_ends_its_head_is_refused_not_waited_out(
+    lean: Callable[..., LeanGetter],
+    fake: Callable[..., FakeServer],
+    env: dict[str, str],
+    first: bytes,
+    code: str,
+) -> None:
+    """A thousand interim responses, or trailer lines, and then silence: refused as soon as
+    they pass the reader's bounds (a protocol error), not when the deadline cuts them."""
+    data = os.urandom(BLOCK_SIZE)
+    server = fake(good_block_after(first, data))
+    getter = lean(settings(server.endpoint, read_timeout_s=300))
+    got, _, retryable, _, _ = outcome(lambda: getter.get_block(SNAP, 0, "AAAA", timeout=20))
+    assert (got, retryable) == (code, True)
+    assert getter.get_block(SNAP, 1, "AAAA") == data
+
+
+class SlowServer(FakeServer):
+    """Sends each block answer 64 KiB at a time, 0.3 s apart: slow, never silent."""
+
+    def _serve(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            answer = self.respond(head) or b""
+            for start in range(0, len(answer), 65536):
+                sock.sendall(answer[start : start + 65536])
+                self._stop.wait(0.3)
+
+
+@pytest.mark.timeout(30)
+def test_a_steady_body_is_not_taken_for_silence(
+    lean: Callable[..., LeanGetter], env: dict[str, str]
+) -> None:
+    """The read timeout is for silence: a body arriving 64 KiB every 0.3 s takes longer
+    than the 1 s read timeout in all, and is received whole."""
+    data = os.urandom(BLOCK_SIZE)
+    server = SlowServer(lambda head: block_response(data))
+    try:
+        getter = lean(settings(server.endpoint, read_timeout_s=1))
+        assert getter.get_block(SNAP, 0, "AAAA") == data
+    finally:
+        server.close()

@@ -160,7 +160,10 @@ class _ResponseReader:
 
     # The largest status or header line accepted (http.client's limit too).
     MAX_LINE = 65536
-    _MAX_HEADERS = 100
+    _MAX_HEADERS = 100  # header lines of a response, and trailer lines of a chunked body
+    # Interim (1xx) responses skipped before the final one: a GET gets at most a 100 Continue
+    # or two; a server that keeps sending them is not answering.
+    _MAX_INTERIM = 10
 
     def __init__(self, max_error_body: int, max_body: int, into: memoryview | None = None) -> None:
         self.max_error_body = max_error_body
@@ -176,7 +179,7 @@ class _ResponseReader:
 
     def _head(self) -> Generator[Step, Any, tuple[bytes, int, dict[str, str]]]:
         """The final response's version, status and headers (lower-cased names)."""
-        while True:
+        for _ in range(self._MAX_INTERIM + 1):
             line = yield from self._line()
             if not line:
                 raise ConnectionResetError("the server closed the connection without a response")
@@ -202,6 +205,7 @@ class _ResponseReader:
                 raise _ProtocolError("too many header lines")
             if status >= 200 or status == 101:
                 return version, status, headers  # other 1xx are interim: a final one follows
+        raise _ProtocolError(f"more than {self._MAX_INTERIM} interim (1xx) responses")
 
     def steps(self) -> Generator[Step, Any, _Response]:
         version, status, headers = yield from self._head()
@@ -258,9 +262,10 @@ class _ResponseReader:
             except ValueError:
                 raise _ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
             if size == 0:
-                while (yield from self._line()) not in (b"\r\n", b"\n", b""):
-                    pass  # trailer fields
-                return b"".join(parts), True
+                for _ in range(self._MAX_HEADERS + 1):  # trailer fields, up to a blank line
+                    if (yield from self._line()) in (b"\r\n", b"\n", b""):
+                        return b"".join(parts), True
+                raise _ProtocolError("too many trailer lines")
             if total + size > max_body:
                 if not error:
                     raise _Oversized(None, max_body)
@@ -306,8 +311,11 @@ class _Connection:
         """True if the idle connection was closed by the server (urllib3 checks the same).
 
         An idle connection has nothing to read; readable means EOF or stray bytes, and
-        reusing it would fail the request for nothing.
+        reusing it would fail the request for nothing. Under TLS, bytes already decrypted
+        past the last answer (in its last record) are stray too, though the socket is empty.
         """
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
         poller = select.poll()
         poller.register(self.sock, select.POLLIN)
         return bool(poller.poll(0))
@@ -863,7 +871,7 @@ class FastBlockGetter:
             try:
                 parsed = json.loads(text)
                 doc = parsed if isinstance(parsed, dict) else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
                 doc = {}
         typed = response.headers.get("x-amzn-errortype") or doc.get("code") or doc.get("Code")
         typed = typed or doc.get("__type")

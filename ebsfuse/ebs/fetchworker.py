@@ -68,8 +68,11 @@ from .verify import require_whole_block
 PR_SET_PDEATHSIG = 1
 # A request, or a round's answers: ids, a token of up to a few hundred bytes, error messages.
 MAX_MESSAGE = 64 * 1024
-# An error's message crosses to the daemon cut here (a proxy's page can make one long).
+# An error's fields cross to the daemon cut here: the server chooses them (its error type
+# header, the body's Reason), and a round's answers must fit in MAX_MESSAGE. The service's
+# codes and reasons are a few dozen characters.
 MAX_ERROR_MESSAGE = 4096
+MAX_ERROR_NAME = 256
 # Deadlines are seconds long and the blocking path's watchdog looks every 0.25 s; looking every
 # 0.1 s costs a scan of a few dozen flights ten times a second.
 SCAN_S = 0.1
@@ -80,6 +83,10 @@ CONNECTORS = 4
 # Bytes received ahead of the reader's steps: a response's head in one receive, and room for
 # the longest header line the reader accepts.
 STREAM_BUFFER = _ResponseReader.MAX_LINE + 64 * 1024
+# Steps of one response taken in a row before the other flights get their turn: a whole
+# answer's head and body are a dozen; a server sending a million one-byte chunks is not
+# served ahead of everyone else.
+STEPS_PER_TURN = 64
 # What a connection fails with below HTTP (a bug is anything else).
 NETWORK_FAILURES = (OSError, ssl.SSLError, _ProtocolError, _Oversized, _IncompleteBody)
 
@@ -93,8 +100,8 @@ def error_fields(error: EbsError) -> dict[str, Any]:
         "message": error.message[:MAX_ERROR_MESSAGE],
         "snapshot_id": error.snapshot_id,
         "block_index": error.block_index,
-        "code": error.code,
-        "reason": error.reason,
+        "code": error.code and error.code[:MAX_ERROR_NAME],
+        "reason": error.reason and error.reason[:MAX_ERROR_NAME],
         "retryable": error.retryable,
         "throttled": error.throttled,
         "not_sent": isinstance(error, NotSent),
@@ -136,6 +143,7 @@ class Stream:
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
         self._eof = False
+        self.last_io = time.monotonic()  # the last byte sent or received: a read timeout's start
         self._collected = bytearray()  # a _READ answer being gathered
         self._filled = 0  # an _INTO answer's bytes so far
 
@@ -151,9 +159,11 @@ class Stream:
 
     def send(self, data: memoryview) -> int:
         try:
-            return self.sock.send(data)
+            sent = self.sock.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             raise _WouldBlock() from None
+        self.last_io = time.monotonic()
+        return sent
 
     def answer(self, step: Step) -> Any:
         """What `step` asks for, or `_WouldBlock` until the socket has it."""
@@ -212,9 +222,11 @@ class Stream:
 
     def _recv_into(self, target: memoryview) -> int:
         try:
-            return self.sock.recv_into(target)
+            received = self.sock.recv_into(target)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise _WouldBlock() from None
+        self.last_io = time.monotonic()
+        return received
 
 
 class Flight:
@@ -226,7 +238,6 @@ class Flight:
         self.get = get
         self.started = started
         self.deadline = started + get.limit
-        self.last_io = started
         self.stream: Stream | None = None
         self.reader: _ResponseReader | None = None
         self.steps: Any = None  # the reader's steps, once it has a connection
@@ -294,6 +305,7 @@ class FetchLoop:
         self._idle: dict[int, Stream] = {}  # kept alive for the next request, by descriptor
         self._reading: dict[int, Flight] = {}  # flights with a connection, by its descriptor
         self._connecting: set[Flight] = set()
+        self._ready: list[Flight] = []  # flights with more to read, past their turn's steps
         self._answers: list[Answer] = []  # this round's, sent together by `_flush`
         self._pending: list[bytes] = []  # messages the daemon's socket had no room for yet
         self._waiting_to_send = False
@@ -311,6 +323,12 @@ class FetchLoop:
             while self._open:
                 busy = self._reading or self._connecting
                 timeout = max(0.0, next_scan - time.monotonic()) if busy else -1
+                ready, self._ready = self._ready, []
+                for more in ready:
+                    if more.stream is not None:  # not ended meanwhile
+                        self._advance(more)
+                if self._ready:
+                    timeout = 0
                 for fd, events in self._epoll.poll(timeout):
                     if fd == requests_fd:
                         self._requests_ready(events)
@@ -374,6 +392,12 @@ class FetchLoop:
             if len(message) > MAX_MESSAGE and len(batch) > 1:
                 half = len(batch) // 2
                 batches += [batch[half:], batch[:half]]
+            elif len(message) > MAX_MESSAGE:  # cannot happen with the fields cut; never truncate
+                request_id, _, _, seconds = batch[0]
+                too_long = EbsError("fetch worker: the answer was too long", code="WorkerError")
+                self._pending.append(
+                    pickle.dumps([(request_id, error_fields(too_long), None, seconds)])
+                )
             else:
                 self._pending.append(message)
         self._send_pending()
@@ -446,6 +470,7 @@ class FetchLoop:
 
     def _begin(self, flight: Flight, stream: Stream) -> None:
         flight.stream = stream
+        stream.last_io = time.monotonic()  # its silence counts from this request on
         flight.phase = "send"
         flight.reader = _ResponseReader(MAX_ERROR_BODY, BLOCK_SIZE, self._slot(flight.slot))
         flight.steps = flight.reader.steps()
@@ -454,24 +479,36 @@ class FetchLoop:
         self._advance(flight)
 
     def _advance(self, flight: Flight) -> None:
-        """Take the flight as far as its socket allows: send the head, answer the reader's
-        steps, and finish when the response is whole."""
+        """Take the flight as far as its socket allows, within STEPS_PER_TURN: send the head,
+        answer the reader's steps, and finish when the response is whole. A flight with more
+        to do waits its next turn in `_ready` (the edge-triggered socket will not say again
+        that it has bytes), so a server flooding one answer cannot starve the others."""
         stream = flight.stream
         assert stream is not None and flight.step is not None
         try:
             while flight.unsent:
                 flight.unsent = flight.unsent[stream.send(flight.unsent) :]
-            while True:
+            for _ in range(STEPS_PER_TURN):
                 answer = stream.answer(flight.step)
-                flight.last_io = time.monotonic()
                 flight.step = flight.steps.send(answer)
+            if time.monotonic() >= flight.deadline:
+                self._fail(flight, TimeoutError(), "deadline")
+            else:
+                self._ready.append(flight)
+            return
         except _WouldBlock:
-            pass  # the stream's edge-triggered registration wakes the flight for more
+            return  # the stream's edge-triggered registration wakes the flight for more
         except StopIteration as done:
-            self._finish(flight, done.value)
+            response: _Response = done.value
         except NETWORK_FAILURES as error:
             self._fail(flight, error)
+            return
         except Exception as error:  # a bug here must not leave the daemon waiting
+            self._fail_by_bug(flight, error)
+            return
+        try:
+            self._finish(flight, response)
+        except Exception as error:
             self._fail_by_bug(flight, error)
 
     def _finish(self, flight: Flight, response: _Response) -> None:
@@ -536,7 +573,7 @@ class FetchLoop:
         for flight in list(self._reading.values()):
             if now >= flight.deadline:
                 self._fail(flight, TimeoutError(), "deadline")
-            elif now >= flight.last_io + read_timeout:
+            elif flight.stream is not None and now >= flight.stream.last_io + read_timeout:
                 self._fail(flight, TimeoutError())
 
     def close(self) -> None:
