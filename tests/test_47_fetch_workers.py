@@ -10,6 +10,7 @@ workers end with the daemon however it ends, and 0 means threads. The hostile-se
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import trio
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.core.fetchpool import FetchPool
 from ebsfuse.ebs.client import ClientSettings, EbsClient
-from ebsfuse.ebs.errors import NotSent
+from ebsfuse.ebs.errors import EbsError, NotSent
 from ebsfuse.ebs.ratelimit import RateLimiter
 from ebsfuse.emulator import Emulator
 
@@ -179,13 +180,15 @@ def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_n
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("end", ["continued", "killed"])
 def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
-    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]
+    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]], end: str
 ) -> None:
     """A stopped worker takes no requests: once the socket's buffer is full (a few hundred
     requests) the daemon's sends wait. Cancelled then, a request that was sent keeps its slot
     until its answer; one that was not sent must give its slot back at once, since no answer
-    will ever come for it. Afterwards every slot is free and the pool serves again."""
+    will ever come for it. If the stopped worker is killed instead, every request fails as
+    retryable, sent or not. Either way every slot comes back and the pool serves again."""
     sid, blocks = snapshot
     client = EbsClient(ClientSettings())
     tokens = dict(client.list_blocks(sid).blocks)
@@ -193,13 +196,22 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
     # More requests than the socket's buffer holds (about 200 of these), each with a slot:
     # the slots are sparse shared memory, only touched when a block arrives.
     slots = 512
+    failures: list[EbsError] = []
 
-    async def storm(pool: FetchPool) -> None:
-        with trio.move_on_after(1):
+    async def attempt(pool: FetchPool, index: int) -> None:
+        try:
+            await pool.get(sid, index, tokens[index], lambda: 30.0)
+        except EbsError as error:  # the killed worker's requests; anything else fails the test
+            failures.append(error)
+
+    async def storm(pool: FetchPool, worker: int) -> None:
+        with trio.move_on_after(2):
             async with trio.open_nursery() as nursery:
                 for n in range(slots):
-                    index = sorted(tokens)[n % len(tokens)]
-                    nursery.start_soon(pool.get, sid, index, tokens[index], lambda: 30.0)
+                    nursery.start_soon(attempt, pool, sorted(tokens)[n % len(tokens)])
+                await trio.sleep(0.5)
+                if end == "killed":
+                    os.kill(worker, signal.SIGKILL)
 
     async def scenario() -> dict[int, bytes]:
         pool = FetchPool(ClientSettings(), processes=1, slots=slots, limiter=RateLimiter(None))
@@ -213,9 +225,10 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
             (worker,) = workers_of(os.getpid())
             os.kill(worker, signal.SIGSTOP)
             try:
-                await storm(pool)
+                await storm(pool, worker)
             finally:
-                os.kill(worker, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGCONT)
             # The requests sent are answered now; their slots come back with the answers.
             with trio.fail_after(45):
                 while len(pool._free) < slots:  # white-box: a leaked slot never comes back
@@ -228,3 +241,5 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
         return got
 
     assert trio.run(scenario) == blocks
+    if end == "killed":
+        assert failures and all(f.retryable and f.code == "WorkerLost" for f in failures)

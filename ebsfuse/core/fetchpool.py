@@ -23,6 +23,7 @@ makes one attempt and says how it went.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -82,33 +83,47 @@ class _Worker:
         ours.setblocking(False)
         self.sock = ours
         self.busy = 0
+        self.closed = False
         self._room = trio.Lock()  # held by the one task waiting for the socket to take more
 
     async def send(self, message: bytes) -> None:
         """Straight to the socket. A full socket (a worker stopped or starved: its buffer holds
-        about 200 requests) is waited on by one task at a time, as trio requires of an fd."""
+        about 200 requests) is waited on by one task at a time, as trio requires of an fd.
+        BrokenPipeError once the worker is stopped, also for a task that was waiting."""
         while True:
+            if self.closed:
+                raise BrokenPipeError(f"fetch worker {self.number} is stopped")
             try:
                 self.sock.send(message)
                 return
             except BlockingIOError:
                 async with self._room:
-                    await trio.lowlevel.wait_writable(self.sock)
+                    if not self.closed:
+                        with contextlib.suppress(trio.ClosedResourceError):
+                            await trio.lowlevel.wait_writable(self.sock)
 
     async def receive(self) -> bytes:
         """The next answer; b"" when the worker is gone. Answers already queued are taken
         without waiting: under load one wake-up drains many (trio's socket wrapper would
         arm epoll for each)."""
-        while True:
+        while not self.closed:
             try:
                 return self.sock.recv(MAX_MESSAGE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
+                with contextlib.suppress(trio.ClosedResourceError):
+                    await trio.lowlevel.wait_readable(self.sock)
             except OSError:
                 return b""
+        return b""
 
     def stop(self) -> None:
-        self.sock.close()  # the worker reads EOF and ends
+        if not self.closed:
+            self.closed = True
+            # Tasks waiting on the socket are woken first: its descriptor number may soon be
+            # another worker's, and trio must not see two waiters on one descriptor.
+            with contextlib.suppress(RuntimeError):  # RuntimeError: not in trio (shutdown)
+                trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()  # the worker reads EOF and ends
         try:
             self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -198,8 +213,9 @@ class FetchPool:
             await worker.send(pickle.dumps(request))
         except BaseException as error:
             # Not sent (a message goes whole or not at all): no answer will free the slot.
-            del self._waiting[request_id]
-            worker.busy -= 1
+            # (Unless the worker died meanwhile and `_lost` already failed this request.)
+            if self._waiting.pop(request_id, None) is not None:
+                worker.busy -= 1
             self._free_slot(slot)
             if isinstance(error, OSError):
                 raise EbsError(
@@ -213,7 +229,13 @@ class FetchPool:
         try:
             await waiter.event.wait()
         except BaseException:
-            waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+            if waiter.answer is None:
+                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+            else:
+                # Answered in the same round as the cancel: free the slot here, and let a
+                # throttling answer still teach the rate.
+                with contextlib.suppress(EbsError):
+                    self._take(waiter)
             raise
         return self._take(waiter)
 
@@ -248,8 +270,9 @@ class FetchPool:
         for received in itertools.count(1):
             worker = self._workers[number]
             message = await worker.receive()
-            if message:
-                for answer in pickle.loads(message):  # the answers of one round of the worker
+            answers = self._answers_in(message, worker) if message else None
+            if answers is not None:
+                for answer in answers:  # the answers of one round of the worker
                     self._settle(answer)
                 if received % DRAIN_BATCH == 0:
                     await trio.sleep(0)  # a long drain lets the FUSE handlers run too
@@ -258,6 +281,20 @@ class FetchPool:
             if self._closed or self._broken is not None:
                 return
             self._workers[number] = self._start(number)
+
+    @staticmethod
+    def _answers_in(message: bytes, worker: _Worker) -> list[tuple[Any, ...]] | None:
+        """A message's answers; None, and the worker stopped, if it is not one: a worker that
+        says something unreadable is treated as lost (its requests fail and are retried)."""
+        try:
+            answers = pickle.loads(message)
+            if isinstance(answers, list) and all(isinstance(a, tuple) for a in answers):
+                return answers
+        except Exception:  # whatever the bytes were, the daemon goes on
+            pass
+        log.error("fetch worker %d sent an unreadable answer: stopping it", worker.number)
+        worker.process.kill()
+        return None
 
     def _settle(self, answer: tuple[Any, ...]) -> None:
         if answer[0] == -1:  # the worker could not make its client: nothing will work
@@ -271,6 +308,8 @@ class FetchPool:
         waiter.answer = answer
         if waiter.abandoned:
             self._free_slot(waiter.slot)
+            if answer[1] is not None and answer[1].get("throttled"):
+                self.limiter.throttled()  # nobody waits for it, but the service said slow down
         else:
             waiter.event.set()
 
