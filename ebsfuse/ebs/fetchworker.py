@@ -87,6 +87,9 @@ STREAM_BUFFER = _ResponseReader.MAX_LINE + 64 * 1024
 # answer's head and body are a dozen; a server sending a million one-byte chunks is not
 # served ahead of everyone else.
 STEPS_PER_TURN = 64
+# A nonblocking socket with nothing to give or take now; under TLS either way round, since a
+# read may need to write (and a write to read).
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # What a connection fails with below HTTP (a bug is anything else).
 NETWORK_FAILURES = (OSError, ssl.SSLError, _ProtocolError, _Oversized, _IncompleteBody)
 
@@ -160,7 +163,7 @@ class Stream:
     def send(self, data: memoryview) -> int:
         try:
             sent = self.sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except WOULD_BLOCK:
             raise _WouldBlock() from None
         self.last_io = time.monotonic()
         return sent
@@ -223,7 +226,7 @@ class Stream:
     def _recv_into(self, target: memoryview) -> int:
         try:
             received = self.sock.recv_into(target)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except WOULD_BLOCK:
             raise _WouldBlock() from None
         self.last_io = time.monotonic()
         return received
