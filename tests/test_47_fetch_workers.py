@@ -54,6 +54,16 @@ def snapshot(emu: Emulator) -> tuple[str, dict[int, bytes]]:
     return emu.create_snapshot(blocks=blocks, volume_size_gib=1), blocks
 
 
+@pytest.fixture
+def tokens(env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]) -> dict[int, str]:
+    """The snapshot's block tokens, listed through the client, for the pool's own tests."""
+    client = EbsClient(ClientSettings())
+    try:
+        return dict(client.list_blocks(snapshot[0]).blocks)
+    finally:
+        client.close()
+
+
 @needs_fuse
 @pytest.mark.timeout(120)
 def test_workers_give_the_same_bytes_and_audit_lines_as_threads(
@@ -130,16 +140,16 @@ def test_workers_die_with_a_killed_daemon(
 
 @pytest.mark.timeout(60)
 def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_not_sent(
-    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]]
+    emu: Emulator,
+    env: dict[str, str],
+    snapshot: tuple[str, dict[int, bytes]],
+    tokens: dict[int, str],
 ) -> None:
     """With every slot taken, a request cancelled while its worker still fetches (its budget
     spent, say) must not hand its slot on: the worker writes its block there when the answer
     comes. The next request waits for that answer; if its budget is spent by then, it is not
     sent at all, and the one after it gets its own block."""
     sid, blocks = snapshot
-    client = EbsClient(ClientSettings())
-    tokens = dict(client.list_blocks(sid).blocks)
-    client.close()
     gate = emu.gate(sid, 2)
 
     async def abandon_when_held(first: trio.CancelScope) -> None:
@@ -182,7 +192,11 @@ def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_n
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("end", ["continued", "killed"])
 def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
-    emu: Emulator, env: dict[str, str], snapshot: tuple[str, dict[int, bytes]], end: str
+    emu: Emulator,
+    env: dict[str, str],
+    snapshot: tuple[str, dict[int, bytes]],
+    tokens: dict[int, str],
+    end: str,
 ) -> None:
     """A stopped worker takes no requests: once the socket's buffer is full (a few hundred
     requests) the daemon's sends wait. Cancelled then, a request that was sent keeps its slot
@@ -190,9 +204,6 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
     will ever come for it. If the stopped worker is killed instead, every request fails as
     retryable, sent or not. Either way every slot comes back and the pool serves again."""
     sid, blocks = snapshot
-    client = EbsClient(ClientSettings())
-    tokens = dict(client.list_blocks(sid).blocks)
-    client.close()
     # More requests than the socket's buffer holds (about 200 of these), each with a slot:
     # the slots are sparse shared memory, only touched when a block arrives.
     slots = 512
