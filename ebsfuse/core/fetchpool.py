@@ -42,7 +42,7 @@ import trio
 
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsError, NotSent
-from ..ebs.fetchworker import MAX_MESSAGE, error_from
+from ..ebs.fetchworker import MAX_MESSAGE, error_fields, error_from
 from ..ebs.ratelimit import RateLimiter
 from ..ebs.settings import ClientSettings
 
@@ -187,37 +187,50 @@ class FetchPool:
         """
         if self._broken is not None:
             raise self._broken.fresh()
-        timeout = time_left()
-        wait = self.limiter.reserve(time.monotonic() + timeout)
-        if wait is None:
-            rate = self.limiter.rps or 0.0
-            raise NotSent(
-                f"the request rate ({rate:.1f}/s, lowered by throttling or --max-rps) "
-                f"leaves no turn within {timeout:.1f} s"
-            )
-        if wait:
-            await trio.sleep(wait)
+        await self._take_turn(time_left())
         slot = await self._slot()
         try:
             timeout = time_left()
         except NotSent:
             self._free_slot(slot)
             raise
+        waiter = await self._send(slot, (snapshot_id, index, token, timeout))
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.answer is None:
+                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+            else:
+                self._free_slot(slot)  # answered in the same round as the cancel
+            raise
+        return self._take(waiter)
+
+    async def _take_turn(self, timeout: float) -> None:
+        """Wait for this request's turn of the mount's one request rate."""
+        wait = self.limiter.reserve(time.monotonic() + timeout)
+        if wait is None:
+            raise self.limiter.no_turn(timeout)
+        if wait:
+            await trio.sleep(wait)
+
+    async def _send(self, slot: int, what: tuple[str, int, str, float]) -> _Waiter:
+        """Send the request (snapshot, index, token, timeout) for `slot` to the least busy
+        worker; its waiter. Not sent (a message goes whole or not at all), the slot is freed:
+        no answer will come for it."""
         worker = min(self._workers, key=lambda w: w.busy)
         waiter = _Waiter(slot, worker)
         request_id = next(self._ids)
         self._waiting[request_id] = waiter
         worker.busy += 1
-        request = (request_id, slot, snapshot_id, index, token, timeout)
         try:
-            await worker.send(pickle.dumps(request))
+            await worker.send(pickle.dumps((request_id, slot, *what)))
         except BaseException as error:
-            # Not sent (a message goes whole or not at all): no answer will free the slot.
             # (Unless the worker died meanwhile and `_lost` already failed this request.)
             if self._waiting.pop(request_id, None) is not None:
                 worker.busy -= 1
             self._free_slot(slot)
             if isinstance(error, OSError):
+                snapshot_id, index = what[:2]
                 raise EbsError(
                     f"fetch worker {worker.number} took no request: {error}",
                     snapshot_id=snapshot_id,
@@ -226,18 +239,7 @@ class FetchPool:
                     retryable=True,
                 ) from None
             raise
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.answer is None:
-                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
-            else:
-                # Answered in the same round as the cancel: free the slot here, and let a
-                # throttling answer still teach the rate.
-                with contextlib.suppress(EbsError):
-                    self._take(waiter)
-            raise
-        return self._take(waiter)
+        return waiter
 
     async def _slot(self) -> int:
         """A free slot: at once if there is one (the usual case, no scheduling), else the
@@ -259,10 +261,7 @@ class FetchPool:
         data = None if error else bytes(self._view[start : start + BLOCK_SIZE])
         self._free_slot(waiter.slot)
         if error:
-            failure = error_from(error)
-            if failure.throttled:
-                self.limiter.throttled()
-            raise failure
+            raise error_from(error)
         assert data is not None
         return data, checksum, seconds
 
@@ -306,10 +305,10 @@ class FetchPool:
             return
         waiter.worker.busy -= 1
         waiter.answer = answer
+        if answer[1] is not None and answer[1].get("throttled"):
+            self.limiter.throttled()  # as it arrives, whether or not anyone still waits for it
         if waiter.abandoned:
             self._free_slot(waiter.slot)
-            if answer[1] is not None and answer[1].get("throttled"):
-                self.limiter.throttled()  # nobody waits for it, but the service said slow down
         else:
             waiter.event.set()
 
@@ -318,11 +317,9 @@ class FetchPool:
         code = worker.process.poll()
         if not self._closed:
             log.warning("fetch worker %d ended (status %s): starting another", worker.number, code)
-        failure = {
-            "message": f"fetch worker ended (status {code})",
-            "code": "WorkerLost",
-            "retryable": True,
-        }
+        failure = error_fields(
+            EbsError(f"fetch worker ended (status {code})", code="WorkerLost", retryable=True)
+        )
         for request_id, waiter in list(self._waiting.items()):
             if waiter.worker is worker:
                 self._settle((request_id, failure, None, 0.0))

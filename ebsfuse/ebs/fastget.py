@@ -62,7 +62,7 @@ import botocore.httpsession
 import botocore.session
 
 from .. import BLOCK_SIZE, __version__
-from .errors import ChecksumMismatch, EbsError, NotSent
+from .errors import ChecksumMismatch, EbsError
 from .ratelimit import RateLimiter
 from .settings import ClientSettings, signing_region
 from .sigv4 import Credentials, Signer, encode_query_value, host_header
@@ -789,12 +789,7 @@ class FastBlockGetter:
         """One request on a pooled or new connection, cut off `limit` seconds from now."""
         deadline = time.monotonic() + limit
         if not self.limiter.acquire(deadline):
-            rate = self.limiter.rps or 0.0
-            refused = NotSent(
-                f"the request rate ({rate:.1f}/s, lowered by throttling or --max-rps) "
-                f"leaves no turn within {limit:.1f} s"
-            )
-            raise translate(refused, **where)
+            raise translate(self.limiter.no_turn(limit), **where)
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
         phase = "connect"
@@ -814,12 +809,9 @@ class FastBlockGetter:
                 if conn.in_body:
                     phase = "body"
                 conn.close()
-            # A socket timeout set to what was left of the deadline may fire before the
-            # watchdog's scan: it is the deadline too, and says so.
-            at_deadline = isinstance(exc, TimeoutError) and time.monotonic() >= deadline - 0.05
-            if late or at_deadline:
+            if late:
                 phase = "deadline"
-            raise self.network_error(exc, phase, path, where, limit) from None
+            raise self.network_error(exc, phase, path, where, limit, deadline) from None
         late = _WATCHDOG.disarm(alarm)
         if response.status >= 300:
             # Read once, as botocore reads it (header or body): the caller raises it, and a
@@ -901,11 +893,16 @@ class FastBlockGetter:
         path: str,
         where: dict[str, Any],
         limit: float,
+        deadline: float | None = None,
     ) -> EbsError:
-        """A failure below HTTP, named as botocore names it; `translate` marks it retryable."""
+        """A failure below HTTP, named as botocore names it; `translate` marks it retryable.
+
+        A timeout at the request's `deadline` (a socket or connect timeout set to what was
+        left of it fires there too) is the deadline's, and says so."""
         url = f"{self.endpoint_url.rstrip('/')}{path[len(self._base_path) :]}"
         timed_out = isinstance(exc, TimeoutError | socket.timeout)
-        if isinstance(exc, _DeadlinePassed):
+        at_deadline = deadline is not None and time.monotonic() >= deadline - 0.05
+        if isinstance(exc, _DeadlinePassed) or (timed_out and at_deadline):
             phase = "deadline"
         if isinstance(exc, _Oversized):
             code, message = "OversizedBody", f"{exc} ({url})"

@@ -248,7 +248,6 @@ class Flight:
         self.steps: Any = None  # the reader's steps, once it has a connection
         self.step: Step | None = None
         self.unsent = memoryview(get.head)
-        self.phase = "connect"
         self.done = False
 
 
@@ -476,7 +475,6 @@ class FetchLoop:
     def _begin(self, flight: Flight, stream: Stream) -> None:
         flight.stream = stream
         stream.last_io = time.monotonic()  # its silence counts from this request on
-        flight.phase = "send"
         flight.reader = _ResponseReader(MAX_ERROR_BODY, BLOCK_SIZE, self._slot(flight.slot))
         flight.steps = flight.reader.steps()
         flight.step = next(flight.steps)
@@ -497,7 +495,7 @@ class FetchLoop:
                 answer = stream.answer(flight.step)
                 flight.step = flight.steps.send(answer)
             if time.monotonic() >= flight.deadline:
-                self._fail(flight, TimeoutError(), "deadline")
+                self._fail(flight, TimeoutError())
             else:
                 self._ready.append(flight)
             return
@@ -536,17 +534,18 @@ class FetchLoop:
         seconds = time.monotonic() - flight.started
         self._send((flight.request_id, None, response.headers["x-amz-checksum"], seconds))
 
-    def _fail(self, flight: Flight, error: BaseException, phase: str | None = None) -> None:
-        """The flight ends with a failure below HTTP; its connection is not reused."""
-        if flight.reader is not None and flight.reader.in_body:
-            flight.phase = "body"
-        if flight.stream is not None:
+    def _fail(self, flight: Flight, error: BaseException) -> None:
+        """The flight ends with a failure below HTTP; its connection is not reused. A timeout
+        at its deadline is named the deadline's by `network_error`, as on the blocking path."""
+        if flight.stream is None:
+            phase = "connect"
+        else:
+            assert flight.reader is not None
+            phase = "body" if flight.reader.in_body else "send"
             self._release(flight).close()
-        if isinstance(error, TimeoutError) and time.monotonic() >= flight.deadline - 0.05:
-            phase = "deadline"  # a connect timeout cut short by the deadline is the deadline
         get = flight.get
         failure = self._getter.network_error(
-            error, phase or flight.phase, get.path, get.where, get.limit
+            error, phase, get.path, get.where, get.limit, flight.deadline
         )
         self._answer_error(flight, failure)
 
@@ -573,12 +572,11 @@ class FetchLoop:
         the blocking path: the deadline's ReadTimeoutError, or a read timeout."""
         for flight in [f for f in self._connecting if now >= f.deadline]:
             self._connecting.discard(flight)  # its connection, when made, is kept for later
-            self._fail(flight, TimeoutError(), "deadline")
+            self._fail(flight, TimeoutError())
         read_timeout = self._getter.settings.read_timeout_s
         for flight in list(self._reading.values()):
-            if now >= flight.deadline:
-                self._fail(flight, TimeoutError(), "deadline")
-            elif flight.stream is not None and now >= flight.stream.last_io + read_timeout:
+            assert flight.stream is not None  # a reading flight has its connection
+            if now >= min(flight.deadline, flight.stream.last_io + read_timeout):
                 self._fail(flight, TimeoutError())
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from .errors import NotSent
+
 # Multiplicative decrease on a throttle, and CUBIC's scaling constant (rate units per s^3):
 # from a rate W the cut leaves 0.7 W, and the curve is back at W after (W * 0.3 / 0.4)^(1/3)
 # seconds: 9 s from 1000 requests/s, 2.5 s from 40.
@@ -112,6 +114,13 @@ class RateLimiter:
             self.waited_s += wait
             self._count(now)
         return wait
+
+    def no_turn(self, within_s: float) -> NotSent:
+        """The error for a request `reserve` or `acquire` found no turn for in `within_s`."""
+        return NotSent(
+            f"the request rate ({self.rps or 0.0:.1f}/s, lowered by throttling or --max-rps) "
+            f"leaves no turn within {within_s:.1f} s"
+        )
 
     def throttled(self) -> None:
         """The service asked us to slow down."""
