@@ -21,7 +21,7 @@ Where the time goes, and what is done about it (client CPU per block, scripts/be
   signed by `sigv4.Signer` (key cached per day and credentials: one SHA-256 and one HMAC,
   ~15 us) and written as one preformatted head on a pooled keep-alive connection.
 - `http.client` itself still cost ~0.2 ms per request (state machine, header validation,
-  `email`-based header parsing), so `_Connection` is a minimal HTTP/1.1 exchange: headers are
+  `email`-based header parsing), so `Connection` is a minimal HTTP/1.1 exchange: headers are
   split by hand from a reader that lives as long as the connection, and the body is a single
   `read(length)`, which `io.BufferedReader` serves by receiving straight into the `bytes`
   object it returns: no intermediate buffer, no copy, no per-chunk Python callback.
@@ -103,11 +103,11 @@ class PreparedGet:
     where: dict[str, Any]
 
 
-class _ProtocolError(Exception):
+class ProtocolError(Exception):
     """The server's bytes are not an HTTP/1.1 response we can frame."""
 
 
-class _Response:
+class Response:
     """Status, lower-cased headers and body of one response; `reusable` if keep-alive holds."""
 
     __slots__ = ("body", "error", "framed", "headers", "reusable", "status")
@@ -135,24 +135,24 @@ class _Response:
         return self.body
 
 
-# What a response reader asks of its transport (`_ResponseReader.steps`), with its argument:
-_LINE = 0  # a line of at most `arg` bytes (b"" at the end of the connection)
-_READ = 1  # `arg` bytes, fewer only at the end of the connection
-_INTO = 2  # fill the memoryview `arg`; the count received, short only at the end
+# What a response reader asks of its transport (`ResponseReader.steps`), with its argument:
+STEP_LINE = 0  # a line of at most `arg` bytes (b"" at the end of the connection)
+STEP_READ = 1  # `arg` bytes, fewer only at the end of the connection
+STEP_INTO = 2  # fill the memoryview `arg`; the count received, short only at the end
 
 Step = tuple[int, Any]
 
 
-class _ResponseReader:
+class ResponseReader:
     """The framing of one response to a GET, with no I/O of its own (RFC 9112 for what a GET
     can get back): its `steps` ask for a line, some bytes, or bytes into a buffer, and the
-    transport answers each -- the blocking `_Connection`, or the fetch worker's event loop
+    transport answers each -- the blocking `Connection`, or the fetch worker's event loop
     (`fetchloop`). So the rules live here once, whatever does the receiving.
 
     1xx interim responses are skipped; the body is delimited by chunked transfer coding,
     Content-Length, or the end of the connection; 204 and 304 have none. Anything else is a
-    `_ProtocolError`. At most `max_error_body` bytes of an error body are read (one cut short
-    is not reusable); a success larger than `max_body` is `_Oversized` before any of it is read,
+    `ProtocolError`. At most `max_error_body` bytes of an error body are read (one cut short
+    is not reusable); a success larger than `max_body` is `Oversized` before any of it is read,
     so an announced 64 MiB costs nothing. A success with a Content-Length is received straight
     into `into` when given (the fetch worker's shared slot), else into a new `bytes`.
     `in_body` tells, after a failure, whether the headers had arrived.
@@ -172,9 +172,9 @@ class _ResponseReader:
         self.in_body = False
 
     def _line(self) -> Generator[Step, Any, bytes]:
-        line: bytes = yield (_LINE, self.MAX_LINE + 1)
+        line: bytes = yield (STEP_LINE, self.MAX_LINE + 1)
         if len(line) > self.MAX_LINE:
-            raise _ProtocolError("a header line is too long")
+            raise ProtocolError("a header line is too long")
         return line
 
     def _head(self) -> Generator[Step, Any, tuple[bytes, int, dict[str, str]]]:
@@ -186,7 +186,7 @@ class _ResponseReader:
             version, _, rest = line.partition(b" ")
             code = rest[:3]
             if not version.startswith(b"HTTP/1.") or not code.isdigit():
-                raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
+                raise ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
             status = int(code)
             headers: dict[str, str] = {}
             for _ in range(self._MAX_HEADERS + 1):
@@ -194,63 +194,63 @@ class _ResponseReader:
                 if line in (b"\r\n", b"\n"):
                     break
                 if not line:
-                    raise _ProtocolError("the connection closed in the middle of the headers")
+                    raise ProtocolError("the connection closed in the middle of the headers")
                 name, sep, value = line.partition(b":")
                 if not sep:
-                    raise _ProtocolError(f"malformed header line {line[:80]!r}")
+                    raise ProtocolError(f"malformed header line {line[:80]!r}")
                 key = name.strip().lower().decode("latin-1")
                 text = value.strip().decode("latin-1")
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
             else:
-                raise _ProtocolError("too many header lines")
+                raise ProtocolError("too many header lines")
             if status >= 200 or status == 101:
                 return version, status, headers  # other 1xx are interim: a final one follows
-        raise _ProtocolError(f"more than {self._MAX_INTERIM} interim (1xx) responses")
+        raise ProtocolError(f"more than {self._MAX_INTERIM} interim (1xx) responses")
 
-    def steps(self) -> Generator[Step, Any, _Response]:
+    def steps(self) -> Generator[Step, Any, Response]:
         version, status, headers = yield from self._head()
         keep_alive = version == b"HTTP/1.1" and "close" not in headers.get("connection", "")
         error = status >= 300
         self.in_body = True
         if status in (204, 304):
-            return _Response(status, headers, b"", keep_alive)
+            return Response(status, headers, b"", keep_alive)
         if "chunked" in headers.get("transfer-encoding", "").lower():
             cap = self.max_error_body if error else self.max_body
             body, whole = yield from self._chunked(cap, error=error)
-            return _Response(status, headers, body, keep_alive and whole)
+            return Response(status, headers, body, keep_alive and whole)
         length_text = headers.get("content-length")
         if length_text is not None:
             if not length_text.isdigit():
-                raise _ProtocolError(f"bad Content-Length {length_text!r}")
+                raise ProtocolError(f"bad Content-Length {length_text!r}")
             length = int(length_text)
             if not error and length > self.max_body:
-                raise _Oversized(length, self.max_body)
+                raise Oversized(length, self.max_body)
             want = min(length, self.max_error_body) if error else length
             framed = yield from self._exactly(want, into=None if error else self.into)
-            return _Response(status, headers, framed, keep_alive and want == length)
+            return Response(status, headers, framed, keep_alive and want == length)
         cap = self.max_error_body if error else self.max_body
-        rest: bytes = yield (_READ, cap + 1)
+        rest: bytes = yield (STEP_READ, cap + 1)
         if not error and len(rest) > self.max_body:
-            raise _Oversized(None, self.max_body)
-        return _Response(status, headers, rest[:cap], False, framed=False)
+            raise Oversized(None, self.max_body)
+        return Response(status, headers, rest[:cap], False, framed=False)
 
     @staticmethod
     def _exactly(size: int, into: memoryview | None) -> Generator[Step, Any, bytes | memoryview]:
         if into is not None and size <= len(into):
-            received: int = yield (_INTO, into[:size])
+            received: int = yield (STEP_INTO, into[:size])
             if received < size:
-                raise _IncompleteBody(received, size)
+                raise IncompleteBody(received, size)
             return into[:size]
-        body: bytes = yield (_READ, size)
+        body: bytes = yield (STEP_READ, size)
         if len(body) < size:
-            raise _IncompleteBody(len(body), size)
+            raise IncompleteBody(len(body), size)
         return body
 
     def _chunked(self, max_body: int, *, error: bool) -> Generator[Step, Any, tuple[bytes, bool]]:
         """A chunked body of at most `max_body` bytes, and whether it was read to its end.
 
         The chunk sizes are the server's word: a chunk is never read past the cap. A success
-        that would exceed it is `_Oversized`; an error body is cut there (and the connection
+        that would exceed it is `Oversized`; an error body is cut there (and the connection
         is not reused).
         """
         parts: list[bytes] = []
@@ -260,19 +260,19 @@ class _ResponseReader:
             try:
                 size = int(size_text, 16)
             except ValueError:
-                raise _ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+                raise ProtocolError(f"bad chunk size {size_text[:20]!r}") from None
             if size == 0:
                 for _ in range(self._MAX_HEADERS + 1):  # trailer fields, up to a blank line
                     if (yield from self._line()) in (b"\r\n", b"\n", b""):
                         return b"".join(parts), True
-                raise _ProtocolError("too many trailer lines")
+                raise ProtocolError("too many trailer lines")
             if total + size > max_body:
                 if not error:
-                    raise _Oversized(None, max_body)
+                    raise Oversized(None, max_body)
                 size = max_body - total
-            chunk: bytes = yield (_READ, size)
+            chunk: bytes = yield (STEP_READ, size)
             if len(chunk) < size:
-                raise _IncompleteBody(total + len(chunk), None)
+                raise IncompleteBody(total + len(chunk), None)
             parts.append(chunk)
             total += size
             if total >= max_body and error:
@@ -280,13 +280,13 @@ class _ResponseReader:
             yield from self._line()  # the CRLF after the chunk
 
 
-class _Connection:
+class Connection:
     """One keep-alive HTTP/1.1 connection, blocking: write a request, read its response.
 
     Deliberately small instead of `http.client`, which costs ~0.2 ms of CPU per request in
     its state machine, header validation and `email`-based header parsing (measured with
     scripts/bench-fetch: 0.84 against 0.6 ms per block at 16 threads). The buffered reader
-    lives as long as the connection and answers the `_ResponseReader`'s steps; the body is one
+    lives as long as the connection and answers the `ResponseReader`'s steps; the body is one
     `read(length)`: `io.BufferedReader` allocates the result and receives into it directly,
     so the 512 KiB arrive in their final `bytes` object without a copy.
     """
@@ -322,27 +322,27 @@ class _Connection:
 
     def exchange(
         self, request: bytes, max_error_body: int, max_body: int, body: bytes = b""
-    ) -> _Response:
+    ) -> Response:
         """Send `request` (a complete head) and `body`, and read the response
-        (`_ResponseReader`); `in_body` tells, after a failure, whether the headers had arrived."""
+        (`ResponseReader`); `in_body` tells, after a failure, whether the headers had arrived."""
         self.in_body = False
         self.sock.sendall(request)
         if body:
             self.sock.sendall(body)
-        reader = _ResponseReader(max_error_body, max_body)
+        reader = ResponseReader(max_error_body, max_body)
         steps = reader.steps()
         try:
             step = next(steps)
             while True:
                 kind, arg = step
-                if kind == _LINE:
+                if kind == STEP_LINE:
                     step = steps.send(self.rfile.readline(arg))
-                elif kind == _READ:
+                elif kind == STEP_READ:
                     step = steps.send(self.rfile.read(arg))
                 else:
                     step = steps.send(self.rfile.readinto(arg))
         except StopIteration as done:
-            response: _Response = done.value
+            response: Response = done.value
             return response
         finally:
             self.in_body = reader.in_body
@@ -360,7 +360,7 @@ class _DeadlinePassed(Exception):
     """The request's deadline cut the connection while it was being set up (TLS, a tunnel)."""
 
 
-class _Oversized(Exception):
+class Oversized(Exception):
     """A successful response announcing (or sending) more than the request can take."""
 
     def __init__(self, announced: int | None, limit: int) -> None:
@@ -368,7 +368,7 @@ class _Oversized(Exception):
         super().__init__(f"the body {what}; at most {limit} are taken, so it was not read")
 
 
-class _IncompleteBody(Exception):
+class IncompleteBody(Exception):
     """The connection ended (or stalled) before the whole body arrived."""
 
     def __init__(self, received: int, expected: int | None) -> None:
@@ -386,11 +386,11 @@ class _Pool:
 
     def __init__(self, maxsize: int) -> None:
         self._maxsize = max(1, maxsize)
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> _Connection | None:
+    def get(self) -> Connection | None:
         """An idle connection still open, or None (the caller connects)."""
         while True:
             with self._lock:
@@ -401,7 +401,7 @@ class _Pool:
                 return conn
             conn.close()
 
-    def put(self, conn: _Connection) -> None:
+    def put(self, conn: Connection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < self._maxsize:
                 self._idle.append(conn)
@@ -572,7 +572,7 @@ class FastBlockGetter:
         self._pool = _Pool(settings.max_pool_connections)
         self.limiter = limiter_for(self.endpoint_url, settings.max_rps)
 
-    def connect(self, deadline: float) -> tuple[_Connection, _Alarm]:
+    def connect(self, deadline: float) -> tuple[Connection, _Alarm]:
         """A new connection (TCP within the connect timeout, then TLS, through a tunnel),
         watched from the moment its socket exists."""
         settings = self.settings
@@ -601,9 +601,9 @@ class FastBlockGetter:
             if cut:
                 raise _DeadlinePassed from None
             raise
-        return _Connection(sock), alarm
+        return Connection(sock), alarm
 
-    def open_connection(self, deadline: float) -> _Connection:
+    def open_connection(self, deadline: float) -> Connection:
         """`connect`, for a caller that keeps the deadline itself from here on (the fetch
         worker's loop); `_DeadlinePassed` if the deadline cut it first."""
         conn, alarm = self.connect(deadline)
@@ -708,7 +708,7 @@ class FastBlockGetter:
 
     def _request(
         self, path: str, query: str, max_body: int, where: dict[str, Any], timeout: float | None
-    ) -> _Response:
+    ) -> Response:
         """One signed GET within its deadline; a successful response, or an `EbsError`."""
         return self._send(self._prepare(path, query, max_body, where, timeout))
 
@@ -735,7 +735,7 @@ class FastBlockGetter:
             limit = min(limit, timeout)
         return PreparedGet(head, path, max_body, limit, where)
 
-    def _send(self, get: PreparedGet) -> _Response:
+    def _send(self, get: PreparedGet) -> Response:
         response = self._exchange(get.head, b"", get.path, get.max_body, get.limit, get.where)
         if response.error is not None:
             raise response.error
@@ -785,7 +785,7 @@ class FastBlockGetter:
         max_body: int,
         limit: float,
         where: dict[str, Any],
-    ) -> _Response:
+    ) -> Response:
         """One request on a pooled or new connection, cut off `limit` seconds from now."""
         deadline = time.monotonic() + limit
         if not self.limiter.acquire(deadline):
@@ -793,7 +793,7 @@ class FastBlockGetter:
         # Each phase maps its failures to the names boto3 reports for them (client.translate
         # makes all of them retryable), so retry statistics read the same on either path.
         phase = "connect"
-        conn: _Connection | None = None
+        conn: Connection | None = None
         alarm: _Alarm | None = None
         try:
             conn = self._pool.get()
@@ -853,7 +853,7 @@ class FastBlockGetter:
         )
 
     @staticmethod
-    def service_error(response: _Response, where: dict[str, Any]) -> EbsError:
+    def service_error(response: Response, where: dict[str, Any]) -> EbsError:
         """An error response, parsed as botocore's rest-json parser does, then `translate`d."""
         status, body = response.status, response.data()
         text = body.decode("utf-8", errors="replace")
@@ -904,7 +904,7 @@ class FastBlockGetter:
         at_deadline = deadline is not None and time.monotonic() >= deadline - 0.05
         if isinstance(exc, _DeadlinePassed) or (timed_out and at_deadline):
             phase = "deadline"
-        if isinstance(exc, _Oversized):
+        if isinstance(exc, Oversized):
             code, message = "OversizedBody", f"{exc} ({url})"
         elif phase == "deadline":
             code = "ReadTimeoutError"

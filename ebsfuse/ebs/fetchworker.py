@@ -22,7 +22,7 @@ code, and rare under keep-alive). The worker's CPU per cold block fell from 0.74
 0.58-0.64 (scripts/bench-mount, 50 ms latency); half of what is left is SHA-256.
 
 The rules are the lean client's, not copies: `FastBlockGetter.prepare_block` signs the request
-and sets its time limit, `_ResponseReader` frames the answer (the loop only answers its steps
+and sets its time limit, `ResponseReader` frames the answer (the loop only answers its steps
 from a nonblocking socket), `verified` checks length and SHA-256, and `network_error` /
 `service_error` name each failure as boto3 would. The deadline is kept by the loop instead of
 the watchdog: a flight past its deadline, or silent for the read timeout, is dropped with its
@@ -50,18 +50,18 @@ from typing import Any
 from .. import BLOCK_SIZE
 from .errors import ChecksumMismatch, EbsError, NotSent
 from .fastget import (
-    _INTO,
-    _LINE,
     MAX_ERROR_BODY,
+    STEP_INTO,
+    STEP_LINE,
+    Connection,
     FastBlockGetter,
+    IncompleteBody,
+    Oversized,
     PreparedGet,
+    ProtocolError,
+    Response,
+    ResponseReader,
     Step,
-    _Connection,
-    _IncompleteBody,
-    _Oversized,
-    _ProtocolError,
-    _Response,
-    _ResponseReader,
 )
 from .ratelimit import Unpaced
 from .settings import ClientSettings
@@ -84,7 +84,7 @@ SCAN_S = 0.1
 CONNECTORS = 4
 # Bytes received ahead of the reader's steps: a response's head in one receive, and room for
 # the longest header line the reader accepts.
-STREAM_BUFFER = _ResponseReader.MAX_LINE + 64 * 1024
+STREAM_BUFFER = ResponseReader.MAX_LINE + 64 * 1024
 # Steps of one response taken in a row before the other flights get their turn: a whole
 # answer's head and body are a dozen; a server sending a million one-byte chunks is not
 # served ahead of everyone else.
@@ -93,7 +93,7 @@ STEPS_PER_TURN = 64
 # read may need to write (and a write to read).
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # What a connection fails with below HTTP (a bug is anything else).
-NETWORK_FAILURES = (OSError, ssl.SSLError, _ProtocolError, _Oversized, _IncompleteBody)
+NETWORK_FAILURES = (OSError, ssl.SSLError, ProtocolError, Oversized, IncompleteBody)
 
 Request = tuple[int, int, str, int, str, float]  # id, slot, snapshot, index, token, timeout
 Answer = tuple[int, dict[str, Any] | None, str | None, float]  # id, error, checksum, seconds
@@ -139,7 +139,7 @@ class Stream:
     what the reader's steps took. Answers a step as far as the socket allows; a partial answer
     is kept and completed on the next call."""
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.sock = conn.sock
         self.sock.setblocking(False)
@@ -149,8 +149,8 @@ class Stream:
         self._start = self._end = 0
         self._eof = False
         self.last_io = time.monotonic()  # the last byte sent or received: a read timeout's start
-        self._collected = bytearray()  # a _READ answer being gathered
-        self._filled = 0  # an _INTO answer's bytes so far
+        self._collected = bytearray()  # a STEP_READ answer being gathered
+        self._filled = 0  # an STEP_INTO answer's bytes so far
 
     def close(self) -> None:
         self.conn.close()
@@ -173,9 +173,9 @@ class Stream:
     def answer(self, step: Step) -> Any:
         """What `step` asks for, or `_WouldBlock` until the socket has it."""
         kind, arg = step
-        if kind == _LINE:
+        if kind == STEP_LINE:
             return self._line(arg)
-        if kind == _INTO:
+        if kind == STEP_INTO:
             return self._into(arg)
         return self._read(arg)
 
@@ -244,14 +244,14 @@ class Flight:
         self.started = started
         self.deadline = started + get.limit
         self.stream: Stream | None = None
-        self.reader: _ResponseReader | None = None
+        self.reader: ResponseReader | None = None
         self.steps: Any = None  # the reader's steps, once it has a connection
         self.step: Step | None = None
         self.unsent = memoryview(get.head)
         self.done = False
 
 
-Made = tuple[Flight, _Connection | None, Exception | None]
+Made = tuple[Flight, Connection | None, Exception | None]
 
 
 class Connector:
@@ -276,7 +276,7 @@ class Connector:
 
     def _run(self) -> None:
         while (flight := self._jobs.get()) is not None:
-            conn: _Connection | None = None
+            conn: Connection | None = None
             failure: Exception | None = None
             try:
                 if flight.done:  # its deadline passed while it waited for a thread
@@ -442,7 +442,7 @@ class FetchLoop:
         else:
             stream.close()
 
-    def _stream(self, conn: _Connection) -> Stream:
+    def _stream(self, conn: Connection) -> Stream:
         """A new connection, watched from now until it is closed. Edge-triggered: a flight
         reads and writes until the socket would block, so an edge is never missed, and a
         stream needs no epoll call per request (a level-triggered one took three)."""
@@ -475,7 +475,7 @@ class FetchLoop:
     def _begin(self, flight: Flight, stream: Stream) -> None:
         flight.stream = stream
         stream.last_io = time.monotonic()  # its silence counts from this request on
-        flight.reader = _ResponseReader(MAX_ERROR_BODY, BLOCK_SIZE, self._slot(flight.slot))
+        flight.reader = ResponseReader(MAX_ERROR_BODY, BLOCK_SIZE, self._slot(flight.slot))
         flight.steps = flight.reader.steps()
         flight.step = next(flight.steps)
         self._reading[stream.fd] = flight
@@ -502,7 +502,7 @@ class FetchLoop:
         except _WouldBlock:
             return  # the stream's edge-triggered registration wakes the flight for more
         except StopIteration as done:
-            response: _Response = done.value
+            response: Response = done.value
         except NETWORK_FAILURES as error:
             self._fail(flight, error)
             return
@@ -514,7 +514,7 @@ class FetchLoop:
         except Exception as error:
             self._fail_by_bug(flight, error)
 
-    def _finish(self, flight: Flight, response: _Response) -> None:
+    def _finish(self, flight: Flight, response: Response) -> None:
         stream = self._release(flight)
         if response.reusable:
             self._keep(stream)
