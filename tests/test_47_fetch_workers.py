@@ -139,16 +139,19 @@ def test_workers_die_with_a_killed_daemon(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("keep", [0, 1])
 def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_not_sent(
     emu: Emulator,
     env: dict[str, str],
     snapshot: tuple[str, dict[int, bytes]],
     tokens: dict[int, str],
+    keep: int,
 ) -> None:
     """With every slot taken, a request cancelled while its worker still fetches (its budget
     spent, say) must not hand its slot on: the worker writes its block there when the answer
     comes. The next request waits for that answer; if its budget is spent by then, it is not
-    sent at all, and the one after it gets its own block."""
+    sent at all, and the one after it gets its own block. With a home (`keep`) the abandoned
+    request's block is written there, and the home too comes back with the answer."""
     sid, blocks = snapshot
     gate = emu.gate(sid, 2)
 
@@ -170,7 +173,9 @@ def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_n
         return time_left
 
     async def scenario() -> bytes:
-        pool = FetchPool(ClientSettings(), processes=1, slots=1, limiter=RateLimiter(None))
+        pool = FetchPool(
+            ClientSettings(), processes=1, slots=1, limiter=RateLimiter(None), keep=keep
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.serve)
             with trio.CancelScope() as first:
@@ -181,8 +186,9 @@ def test_a_slot_is_held_until_its_answer_and_a_request_that_waited_too_long_is_n
             with pytest.raises(NotSent):
                 await pool.get(sid, 6, tokens[6], short_budget(time.monotonic() + 0.8))
             data, _checksum, _seconds = await pool.get(sid, 4, tokens[4], lambda: 30.0)
+            assert isinstance(data, memoryview) == bool(keep)  # in the home it was given back
             nursery.cancel_scope.cancel()
-        return data
+        return bytes(data)
 
     assert trio.run(scenario) == blocks[4]
     # Blocks 2 (abandoned, answered anyway) and 4; block 6 was never sent.
@@ -225,11 +231,13 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
                     os.kill(worker, signal.SIGKILL)
 
     async def scenario() -> dict[int, bytes]:
-        pool = FetchPool(ClientSettings(), processes=1, slots=slots, limiter=RateLimiter(None))
+        pool = FetchPool(
+            ClientSettings(), processes=1, slots=slots, limiter=RateLimiter(None), keep=slots
+        )
         got: dict[int, bytes] = {}
 
         async def fetch(index: int, token: str) -> None:
-            got[index] = (await pool.get(sid, index, token, lambda: 30.0))[0]
+            got[index] = bytes((await pool.get(sid, index, token, lambda: 30.0))[0])
 
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.serve)
@@ -242,7 +250,8 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
                     os.kill(worker, signal.SIGCONT)
             # The requests sent are answered now; their slots come back with the answers.
             with trio.fail_after(45):
-                while len(pool._free) < slots:  # white-box: a leaked slot never comes back
+                # White-box: a leaked slot or home never comes back.
+                while len(pool._free) < slots or len(pool._free_homes) < slots:
                     await trio.sleep(0.05)
             with trio.fail_after(30):
                 async with trio.open_nursery() as again:
@@ -254,3 +263,38 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
     assert trio.run(scenario) == blocks
     if end == "killed":
         assert failures and all(f.retryable and f.code == "WorkerLost" for f in failures)
+
+
+@pytest.mark.timeout(60)
+def test_a_block_keeps_its_home_while_anything_holds_it(
+    emu: Emulator,
+    env: dict[str, str],
+    snapshot: tuple[str, dict[int, bytes]],
+    tokens: dict[int, str],
+) -> None:
+    """A block answered into a home is handed out as a view of it, with no copy; the home is
+    not written again while the block, or any view of it, is held, even past the pool's end.
+    With its one home held, the next block is copied out of its request slot; once the last
+    view goes, the home takes blocks again."""
+    sid, blocks = snapshot
+
+    async def scenario() -> None:
+        pool = FetchPool(ClientSettings(), processes=1, slots=1, limiter=RateLimiter(None), keep=1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve)
+            first, _, _ = await pool.get(sid, 2, tokens[2], lambda: 30.0)
+            assert isinstance(first, memoryview) and first.readonly and first == blocks[2]
+            piece = first[1000:3000]  # a view of the view: holds the home as the block does
+            del first
+            second, _, _ = await pool.get(sid, 4, tokens[4], lambda: 30.0)
+            assert isinstance(second, bytes) and second == blocks[4]
+            assert piece == blocks[2][1000:3000]
+            del piece
+            third, _, _ = await pool.get(sid, 6, tokens[6], lambda: 30.0)
+            assert isinstance(third, memoryview) and third == blocks[6]
+            fourth, _, _ = await pool.get(sid, 8, tokens[8], lambda: 30.0)
+            assert isinstance(fourth, bytes) and fourth == blocks[8]
+            nursery.cancel_scope.cancel()
+        assert third == blocks[6]  # the pool is closed; the block it left is still whole
+
+    trio.run(scenario)

@@ -149,7 +149,9 @@ class DiskCache:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def put(self, snapshot_id: str, index: int, data: bytes, digest: bytes | None = None) -> None:
+    def put(
+        self, snapshot_id: str, index: int, data: bytes | memoryview, digest: bytes | None = None
+    ) -> None:
         """Store a verified block with its SHA-256 (`digest`, the one it was just checked
         against, else computed here). Never raises: a disk that refuses the write turns the
         tier's writing off, with one log line."""
@@ -317,7 +319,7 @@ def _checked(entry: bytes) -> bytes | None:
     return data
 
 
-def _write_new(path: str, header: bytes, data: bytes) -> None:
+def _write_new(path: str, header: bytes, data: bytes | memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         for part in (header, data):

@@ -3,18 +3,31 @@
 Measured (#16): a cold block cost the daemon 1.2-2.0 ms of CPU, its parts about 0.65 (FUSE
 0.15, one GET with its SHA-256 0.5); the rest was 64 threads and the trio thread sharing one
 GIL. Here each worker process (`ebs.fetchworker`) fetches and verifies with its own GIL, and
-writes the verified bytes into a slot of memory shared with the daemon (a memfd). The daemon
-sends a few hundred bytes, receives a few dozen, and copies the block out of its slot once.
+writes the verified bytes into memory shared with the daemon (a memfd). The daemon sends a few
+hundred bytes and receives a few dozen; the block stays where the worker wrote it.
+
+The shared memory holds two kinds of slot:
+- `slots` request slots, one per request in flight (`--max-concurrency`): taking one is the
+  limit of requests in flight. A block answered into one is copied out, and the slot is free.
+- `keep` homes, as many as the block cache holds blocks plus one per request in flight. A
+  block answered into a home stays there: the daemon hands out a read-only view of it
+  (`_HomedBlock`), and the home is free again only when the last reference to the block, and
+  to every view of it, is gone. No home is written while anything can still read it, and the
+  cache's eviction frees homes as it frees bytes. Measured (#16): the copy out of a slot was
+  7% of the daemon's CPU for a cold block, and its fresh allocation most of the page faults.
+A request is written into a free home when there is one, else into its own request slot. The
+homes run short only while blocks evicted from the cache are still held (a reader's, or a
+failure's traceback until the collector takes it); such a block is copied, nothing waits.
 
 Protocol, all on the trio thread, no `await` between the steps of each line:
-1. `get` takes a free slot (at most `slots` requests in flight, so the shared memory is
-   bounded: the slots are `--max-concurrency`, the mount's limit of requests in flight),
-   registers a waiter under a new request id, and sends the request to the worker with the
-   fewest in flight.
+1. `get` takes a free request slot (at most `slots` requests in flight), and a home if one is
+   free, registers a waiter under a new request id, and sends the request to the worker with
+   the fewest in flight.
 2. Each worker's reader task receives answers, a list per message (the answers of one round
    of the worker's loop), and wakes the waiter of each.
-3. The waiter copies its slot's bytes and frees the slot.
-4. A waiter cancelled (budget spent, shutdown) leaves its slot to be freed when its answer
+3. The waiter takes its block (a view of its home, or a copy of its request slot) and frees
+   its request slot; a failed request frees its home too.
+4. A waiter cancelled (budget spent, shutdown) leaves its slots to be freed when its answer
    arrives: the worker's request has its own deadline, so the answer does arrive.
 5. A worker that dies fails its waiting requests with a retryable error and is started again.
 Retries, tokens, single flight, the budget and counting stay in the reader, unchanged: a worker
@@ -24,6 +37,7 @@ makes one attempt and says how it went.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -56,11 +70,23 @@ STOP_TIMEOUT_S = 5.0
 DRAIN_BATCH = 16
 
 
-class _Waiter:
-    __slots__ = ("abandoned", "answer", "event", "slot", "worker")
+class _HomedBlock(ctypes.c_char * BLOCK_SIZE):  # type: ignore[misc]
+    """A verified block in its home in the shared memory. Views of it (memoryviews, their
+    slices) hold it alive, so the home is given back only when nothing can read it any more.
+    The last reference may go in any thread (a disk-tier write): `list.append` is atomic."""
 
-    def __init__(self, slot: int, worker: _Worker) -> None:
+    __slots__ = ("_free_homes", "_home")
+
+    def __del__(self) -> None:
+        self._free_homes.append(self._home)
+
+
+class _Waiter:
+    __slots__ = ("abandoned", "answer", "event", "home", "slot", "worker")
+
+    def __init__(self, slot: int, home: int, worker: _Worker) -> None:
         self.slot = slot
+        self.home = home  # where the worker writes the block: a home, or `slot` itself
         self.worker = worker
         self.event = trio.Event()
         self.answer: tuple[Any, ...] | None = None
@@ -135,7 +161,12 @@ class FetchPool:
     """`get` a verified block through worker processes; run `serve` in a nursery first."""
 
     def __init__(
-        self, settings: ClientSettings, processes: int, slots: int, limiter: RateLimiter
+        self,
+        settings: ClientSettings,
+        processes: int,
+        slots: int,
+        limiter: RateLimiter,
+        keep: int = 0,
     ) -> None:
         self.processes = processes
         self.slots = slots
@@ -149,12 +180,16 @@ class FetchPool:
             "max_pool_connections": connections,
             "audit_log": None,  # the daemon writes the audit log, from the answers
         }
-        self._arguments = [str(slots), str(connections), json.dumps(fields)]
+        # Sparse: a page of the memfd is allocated when a block is first written there, and
+        # the homes are reused most recently freed first, so a small cache's homes stay few.
+        size = (slots + keep) * BLOCK_SIZE
+        self._arguments = [str(slots + keep), str(connections), json.dumps(fields)]
         self._memfd = os.memfd_create("ebsfuse-blocks", os.MFD_CLOEXEC)
-        os.ftruncate(self._memfd, slots * BLOCK_SIZE)
-        self._memory = mmap.mmap(self._memfd, slots * BLOCK_SIZE)
+        os.ftruncate(self._memfd, size)
+        self._memory = mmap.mmap(self._memfd, size)
         self._view = memoryview(self._memory)
         self._free = list(range(slots))
+        self._free_homes = list(range(slots + keep - 1, slots - 1, -1))
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._waiting: dict[int, _Waiter] = {}
         self._ids = itertools.count()
@@ -178,8 +213,10 @@ class FetchPool:
 
     async def get(
         self, snapshot_id: str, index: int, token: str, time_left: Callable[[], float]
-    ) -> tuple[bytes, str, float]:
-        """(verified block, its base64 SHA-256, seconds the request took), or EbsError.
+    ) -> tuple[bytes | memoryview, str, float]:
+        """(verified block, its base64 SHA-256, seconds the request took), or EbsError. The
+        block is a read-only view of its home in the shared memory, or bytes when no home
+        was free.
 
         `time_left()` is how long the request may take if sent now (NotSent if too little is
         left): asked before the turn of the request rate, and again once a slot is free, so a
@@ -194,14 +231,15 @@ class FetchPool:
         except NotSent:
             self._free_slot(slot)
             raise
-        waiter = await self._send(slot, (snapshot_id, index, token, timeout))
+        home = self._free_homes.pop() if self._free_homes else slot
+        waiter = await self._send(slot, home, (snapshot_id, index, token, timeout))
         try:
             await waiter.event.wait()
         except BaseException:
             if waiter.answer is None:
-                waiter.abandoned = True  # `_settle` frees the slot when the answer comes
+                waiter.abandoned = True  # `_settle` frees the slots when the answer comes
             else:
-                self._free_slot(slot)  # answered in the same round as the cancel
+                self._release(waiter)  # answered in the same round as the cancel
             raise
         return self._take(waiter)
 
@@ -213,22 +251,22 @@ class FetchPool:
         if wait:
             await trio.sleep(wait)
 
-    async def _send(self, slot: int, what: tuple[str, int, str, float]) -> _Waiter:
-        """Send the request (snapshot, index, token, timeout) for `slot` to the least busy
-        worker; its waiter. Not sent (a message goes whole or not at all), the slot is freed:
-        no answer will come for it."""
+    async def _send(self, slot: int, home: int, what: tuple[str, int, str, float]) -> _Waiter:
+        """Send the request (snapshot, index, token, timeout), to be written into `home`, to
+        the least busy worker; its waiter. Not sent (a message goes whole or not at all), the
+        slots are freed: no answer will come for them."""
         worker = min(self._workers, key=lambda w: w.busy)
-        waiter = _Waiter(slot, worker)
+        waiter = _Waiter(slot, home, worker)
         request_id = next(self._ids)
         self._waiting[request_id] = waiter
         worker.busy += 1
         try:
-            await worker.send(pickle.dumps((request_id, slot, *what)))
+            await worker.send(pickle.dumps((request_id, home, *what)))
         except BaseException as error:
             # (Unless the worker died meanwhile and `_lost` already failed this request.)
             if self._waiting.pop(request_id, None) is not None:
                 worker.busy -= 1
-            self._free_slot(slot)
+            self._release(waiter)
             if isinstance(error, OSError):
                 snapshot_id, index = what[:2]
                 raise EbsError(
@@ -253,17 +291,34 @@ class FetchPool:
         self._free.append(slot)
         self._slot_freed.unpark()
 
-    def _take(self, waiter: _Waiter) -> tuple[bytes, str, float]:
+    def _release(self, waiter: _Waiter) -> None:
+        """Both of a request's slots, with no block to keep in its home."""
+        self._free_slot(waiter.slot)
+        if waiter.home != waiter.slot:
+            self._free_homes.append(waiter.home)
+
+    def _take(self, waiter: _Waiter) -> tuple[bytes | memoryview, str, float]:
         answer = waiter.answer
         assert answer is not None
         _, error, checksum, seconds = answer
-        start = waiter.slot * BLOCK_SIZE
-        data = None if error else bytes(self._view[start : start + BLOCK_SIZE])
-        self._free_slot(waiter.slot)
         if error:
+            self._release(waiter)
             raise error_from(error)
-        assert data is not None
+        data: bytes | memoryview
+        if waiter.home == waiter.slot:
+            start = waiter.slot * BLOCK_SIZE
+            data = bytes(self._view[start : start + BLOCK_SIZE])
+        else:
+            data = self._homed(waiter.home)
+        self._free_slot(waiter.slot)
         return data, checksum, seconds
+
+    def _homed(self, home: int) -> memoryview:
+        """A read-only view of the block in `home`; the home is free once nothing holds it."""
+        block = _HomedBlock.from_buffer(self._memory, home * BLOCK_SIZE)
+        block._home = home
+        block._free_homes = self._free_homes
+        return memoryview(block).toreadonly().cast("B")
 
     async def _read(self, number: int) -> None:
         for received in itertools.count(1):
@@ -308,7 +363,7 @@ class FetchPool:
         if answer[1] is not None and answer[1].get("throttled"):
             self.limiter.throttled()  # as it arrives, whether or not anyone still waits for it
         if waiter.abandoned:
-            self._free_slot(waiter.slot)
+            self._release(waiter)
         else:
             waiter.event.set()
 
@@ -333,5 +388,8 @@ class FetchPool:
         for worker in self._workers:
             worker.stop()
         self._view.release()
-        self._memory.close()
+        # Blocks still held (the cache's, until it goes) keep their pages mapped: the memory is
+        # unmapped when the last of them goes.
+        with contextlib.suppress(BufferError):
+            self._memory.close()
         os.close(self._memfd)

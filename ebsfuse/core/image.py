@@ -15,7 +15,7 @@ from .. import BLOCK_SIZE
 from ..ebs.errors import EbsError
 from .pipeline import SnapshotInfo, open_snapshot
 from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
-from .reader import FetchContext
+from .reader import BlockData, FetchContext
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,14 @@ class SnapshotImage:
         last = (end - 1) // BLOCK_SIZE
         if first == last:
             block = await self.reader.read_block(first)
+            data = _ZEROS if block is None else block
             start = offset - first * BLOCK_SIZE
-            return (block or _ZEROS)[start : start + (end - offset)]
+            if isinstance(data, bytes):
+                return data[start : start + end - offset]  # all of it: the same bytes, no copy
+            return bytes(data[start : start + end - offset])  # a view, of a fetch worker's block
         # The kernel asks for up to 1 MiB at a time, i.e. two or three blocks: take what the
         # cache holds without a task each, and fetch only the rest concurrently.
-        blocks: dict[int, bytes | None] = {}
+        blocks: dict[int, BlockData | None] = {}
         missing = []
         for index in range(first, last + 1):
             cached = self.reader.cached_block(index)
@@ -118,5 +121,6 @@ class SnapshotImage:
         for index in range(first, last + 1):
             lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
             hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
-            parts.append(memoryview(blocks[index] or _ZEROS)[lo:hi])
+            block = blocks[index]
+            parts.append(memoryview(_ZEROS if block is None else block)[lo:hi])
         return b"".join(parts)

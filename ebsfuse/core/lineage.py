@@ -28,7 +28,7 @@ import trio
 from ..ebs.errors import EbsError
 from ..ebs.pages import ChangedBlock
 from .blockmap import BlockMap
-from .reader import FetchContext, PageLister
+from .reader import BlockData, FetchContext, PageLister
 from .stats import ReadStats
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Lineage:
     def members(self) -> list[str]:
         return list(self._members)
 
-    async def borrow(self, snapshot_id: str, index: int) -> bytes | None:
+    async def borrow(self, snapshot_id: str, index: int) -> BlockData | None:
         """Verified bytes of `snapshot_id`'s block `index` from a related snapshot's cache."""
         for other in self._members:
             if other == snapshot_id or not self._ctx.held(other, index):

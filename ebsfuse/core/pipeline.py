@@ -277,6 +277,8 @@ class _Stream:
             if failure is not None:
                 slot.error = failure
             elif not sunk:
+                if isinstance(data, memoryview):  # a fetch worker's (the daemon's); tools get bytes
+                    data = bytes(data)
                 _deliver(slot, data, self._sink)
         finally:
             slot.done.set()

@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 T = TypeVar("T")
+# A verified block: bytes, or a read-only view of it where a fetch worker wrote it, in memory
+# shared with the daemon (`fetchpool`, the daemon's only). Either is 512 KiB long, sliced and
+# compared as bytes are, and taken by anything that reads a buffer.
+BlockData = bytes | memoryview
 
 
 # Threads reading the disk tier at once: enough to keep a local disk busy, few enough that
@@ -129,14 +133,14 @@ class _Flight:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: bytes | None = None
+        self.data: BlockData | None = None
         self.error: BaseException | None = None
 
 
 class Borrower(Protocol):
     """A tier that may serve one snapshot's block from another's cached bytes (`lineage`)."""
 
-    async def borrow(self, snapshot_id: str, index: int) -> bytes | None: ...
+    async def borrow(self, snapshot_id: str, index: int) -> BlockData | None: ...
 
 
 class BlockCache(cachetools.LRUCache):
@@ -150,14 +154,14 @@ class BlockCache(cachetools.LRUCache):
         super().__init__(maxsize=max_bytes, getsizeof=len)
         self.unread_prefetches: dict[Key, ReadStats] = {}
 
-    def popitem(self) -> tuple[Key, bytes]:
+    def popitem(self) -> tuple[Key, BlockData]:
         key, value = super().popitem()
         stats = self.unread_prefetches.pop(key, None)
         if stats is not None:
             stats.prefetch_wasted += 1
         return key, value
 
-    def peek(self, key: Key) -> bytes | None:
+    def peek(self, key: Key) -> BlockData | None:
         """The block if held, without making it recently used. A lender's block read for a
         borrower keeps its place, so a borrower reading in order evicts the lender's blocks it
         has passed, not those it is about to borrow."""
@@ -166,7 +170,7 @@ class BlockCache(cachetools.LRUCache):
         except KeyError:
             return None
 
-    def take(self, key: Key) -> bytes | None:
+    def take(self, key: Key) -> BlockData | None:
         data = self.get(key)
         if data is not None:
             stats = self.unread_prefetches.pop(key, None)
@@ -341,14 +345,14 @@ class SnapshotReader:
         self.stats = stats or ReadStats()
         self._gone_reported = False  # a SNAPSHOT_NOT_FOUND already logged
 
-    def cached_block(self, index: int) -> bytes | None:
+    def cached_block(self, index: int) -> BlockData | None:
         """The block if the cache holds it (counted as a hit), else None; never waits."""
         data = self.ctx.cache.take((self.snapshot_id, index))
         if data is not None:
             self.stats.cache_hits += 1
         return data
 
-    async def read_block(self, index: int) -> bytes | None:
+    async def read_block(self, index: int) -> BlockData | None:
         key = (self.snapshot_id, index)
         ctx = self.ctx
         # This reader's own budget, from its first ask: leading again after a cancelled or
@@ -409,7 +413,7 @@ class SnapshotReader:
             self._gone_reported = True
         log.log(level, "%s (after %d attempts)", error, error.attempts)
 
-    async def _lead(self, key: Key, deadline: float, *, prefetch: bool) -> bytes | None:
+    async def _lead(self, key: Key, deadline: float, *, prefetch: bool) -> BlockData | None:
         ctx = self.ctx
         flight = ctx.inflight.get(key)
         if flight is None or not prefetch:
@@ -454,7 +458,7 @@ class SnapshotReader:
 
     async def _pooled_get(
         self, index: int, token: str, *, time_left: Callable[[], float]
-    ) -> tuple[bytes, float]:
+    ) -> tuple[BlockData, float]:
         """`_timed_get` through a fetch worker process: the audit line and the disk tier are
         the daemon's to write, from the worker's answer."""
         ctx = self.ctx
@@ -527,7 +531,7 @@ class SnapshotReader:
         stats.latency.add(outcome.seconds)
         stats.bytes_fetched += outcome.nbytes
 
-    async def _load(self, index: int, deadline: float) -> bytes | None:
+    async def _load(self, index: int, deadline: float) -> BlockData | None:
         """The verified block, or None for a hole, by trio's clock reaching `deadline`."""
         with trio.CancelScope(deadline=deadline + DEADLINE_GRACE_S) as scope:
             return await self._load_by(index, deadline)
@@ -539,7 +543,7 @@ class SnapshotReader:
             code="ReadTimeout",
         )
 
-    async def _load_by(self, index: int, deadline: float) -> bytes | None:
+    async def _load_by(self, index: int, deadline: float) -> BlockData | None:
         known, token = self.blockmap.cached_lookup(index)
         tiers = self.ctx.disk is not None or self.ctx.lineage is not None
         if tiers and not (known and token is None):  # a known hole needs no tier
@@ -569,9 +573,9 @@ class SnapshotReader:
         self.blockmap.invalidate(index, refused)
         return await self.blockmap.lookup(index)
 
-    async def _from_tiers(self, index: int) -> bytes | None:
+    async def _from_tiers(self, index: int) -> BlockData | None:
         """The block from disk, or borrowed from a related snapshot, before any request."""
-        data = await self.ctx.from_disk(self.snapshot_id, index)
+        data: BlockData | None = await self.ctx.from_disk(self.snapshot_id, index)
         if data is not None:
             self.stats.disk_hits += 1
             return data
@@ -590,7 +594,7 @@ class SnapshotReader:
                 return data
         return None
 
-    async def _fetch(self, index: int, token: str, deadline: float) -> bytes:
+    async def _fetch(self, index: int, token: str, deadline: float) -> BlockData:
         pooled = self.ctx.pool is not None
         request: Callable[..., Any] = functools.partial(
             self._pooled_get if pooled else self._timed_get, index, token

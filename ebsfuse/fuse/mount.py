@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .. import DEFAULT_TIMEOUT_S
+from .. import BLOCK_SIZE, DEFAULT_TIMEOUT_S
 from ..core.catalog import DEFAULT_TTL_S
 from ..core.diskcache import DiskCache
 from ..ebs.ec2 import SnapshotQuery, parse_filter, validate_volume_id
@@ -376,8 +376,11 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
     if opts.fetch_workers:
         from ..core.fetchpool import FetchPool
 
+        # Homes for every block the cache can hold, and for one answer per request in flight
+        # arriving while the cache is full: an answer then finds a home free.
+        keep = opts.cache_bytes // BLOCK_SIZE + opts.max_concurrency
         ctx.pool = FetchPool(
-            client.settings, opts.fetch_workers, opts.max_concurrency, client.rate_limiter
+            client.settings, opts.fetch_workers, opts.max_concurrency, client.rate_limiter, keep
         )
         log.info("%d fetch worker processes", opts.fetch_workers)
     lineage = Lineage(ctx)
