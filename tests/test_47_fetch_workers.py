@@ -25,9 +25,13 @@ import trio
 
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.core.fetchpool import FetchPool
+from ebsfuse.core.image import SnapshotImage
+from ebsfuse.core.pipeline import describe_snapshot
+from ebsfuse.core.reader import FetchContext
 from ebsfuse.ebs.client import ClientSettings, EbsClient
 from ebsfuse.ebs.errors import EbsError, NotSent
 from ebsfuse.ebs.ratelimit import RateLimiter
+from ebsfuse.ebs.retry import RetryPolicy
 from ebsfuse.emulator import Emulator
 
 from .conftest import MountedSnapshots, daemon_pids, needs_fuse, wait_for
@@ -298,3 +302,48 @@ def test_a_block_keeps_its_home_while_anything_holds_it(
         assert third == blocks[6]  # the pool is closed; the block it left is still whole
 
     trio.run(scenario)
+
+
+@pytest.mark.timeout(60)
+def test_a_read_across_blocks_in_homes_side_by_side_is_a_view_of_them(
+    emu: Emulator, env: dict[str, str]
+) -> None:
+    """Homes are taken in order, so blocks fetched one after another lie side by side, and a
+    read across them is one view of the shared memory, with no copy; anything else (a hole in
+    the range, homes out of order) is joined into bytes. Either way the bytes are exact."""
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in (0, 1, 2, 3, 5, 6, 7, 9)}
+    sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
+    client = EbsClient(ClientSettings())
+    policy = RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.05)
+    ctx = FetchContext(client, cache_bytes=16 * BLOCK_SIZE, max_concurrency=4, policy=policy)
+    ctx.pool = FetchPool(client.settings, 1, 4, client.rate_limiter, keep=16 + 4)
+    image = SnapshotImage(describe_snapshot(client, sid, policy), ctx)
+
+    def expected(offset: int, size: int) -> bytes:
+        volume = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(10))
+        return volume[offset : offset + size]
+
+    async def read_in_order(*indexes: int) -> None:
+        for index in indexes:  # one after another: each takes the next home
+            await image.reader.read_block(index)
+
+    async def scenario() -> None:
+        async with ctx.running():
+            await read_in_order(0, 1, 2, 3, 7, 9, 6, 5)
+            cases = {
+                (0, 2 * BLOCK_SIZE): memoryview,  # two whole blocks
+                (BLOCK_SIZE - 100, 2 * BLOCK_SIZE + 200): memoryview,  # parts of three
+                (3 * BLOCK_SIZE + 7, 100): memoryview,  # within one
+                (7 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE): bytes,  # across the hole at 8
+                (5 * BLOCK_SIZE, 2 * BLOCK_SIZE): bytes,  # 6 was fetched before 5
+            }
+            for (offset, size), kind in cases.items():
+                got = await image.read_buffer(offset, size)
+                assert type(got) is kind and got == expected(offset, size), (offset, size)
+                assert await image.read(offset, size) == expected(offset, size)
+            assert type(await image.read(0, 2 * BLOCK_SIZE)) is bytes
+
+    try:
+        trio.run(scenario)
+    finally:
+        client.close()

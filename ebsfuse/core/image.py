@@ -13,6 +13,7 @@ import trio
 
 from .. import BLOCK_SIZE
 from ..ebs.errors import EbsError
+from .fetchpool import adjoining
 from .pipeline import SnapshotInfo, open_snapshot
 from .readahead import MAX_WINDOW_BLOCKS, ReadaheadWindow
 from .reader import BlockData, FetchContext
@@ -69,6 +70,14 @@ class SnapshotImage:
 
         With a `window` (one per open file) sequential reading prefetches the blocks ahead.
         """
+        data = await self.read_buffer(offset, size, window)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_buffer(
+        self, offset: int, size: int, window: ReadaheadWindow | None = None
+    ) -> BlockData:
+        """`read`, as bytes or as a read-only view of blocks where a fetch worker left them
+        (held for as long as the view is): a FUSE reply needs no copy of its own then."""
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         end = min(offset + size, self.size)
@@ -79,15 +88,27 @@ class SnapshotImage:
                 self.reader.prefetch(index)
         first = offset // BLOCK_SIZE
         last = (end - 1) // BLOCK_SIZE
+        base = first * BLOCK_SIZE
         if first == last:
             block = await self.reader.read_block(first)
-            data = _ZEROS if block is None else block
-            start = offset - first * BLOCK_SIZE
-            if isinstance(data, bytes):
-                return data[start : start + end - offset]  # all of it: the same bytes, no copy
-            return bytes(data[start : start + end - offset])  # a view, of a fetch worker's block
-        # The kernel asks for up to 1 MiB at a time, i.e. two or three blocks: take what the
-        # cache holds without a task each, and fetch only the rest concurrently.
+            # Bytes sliced whole are the same bytes; a view sliced is a view: no copy either way.
+            return (_ZEROS if block is None else block)[offset - base : end - base]
+        blocks = await self._blocks(first, last)
+        span = adjoining(blocks)
+        if span is not None:
+            return span[offset - base : end - base]
+        # One copy into the reply, from views of the blocks.
+        parts = []
+        for index, block in enumerate(blocks, first):
+            lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
+            hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
+            parts.append(memoryview(_ZEROS if block is None else block)[lo:hi])
+        return b"".join(parts)
+
+    async def _blocks(self, first: int, last: int) -> list[BlockData | None]:
+        """Blocks `first` to `last`, None for holes. The kernel asks for up to 1 MiB at a time,
+        i.e. two or three blocks: what the cache holds is taken without a task each, and only
+        the rest fetched, concurrently."""
         blocks: dict[int, BlockData | None] = {}
         missing = []
         for index in range(first, last + 1):
@@ -116,11 +137,4 @@ class SnapshotImage:
                 while isinstance(failure, BaseExceptionGroup):
                     failure = failure.exceptions[0]
                 raise failure from None
-        # One copy into the reply, from views of the blocks.
-        parts = []
-        for index in range(first, last + 1):
-            lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
-            hi = min(end, (index + 1) * BLOCK_SIZE) - index * BLOCK_SIZE
-            block = blocks[index]
-            parts.append(memoryview(_ZEROS if block is None else block)[lo:hi])
-        return b"".join(parts)
+        return [blocks[index] for index in range(first, last + 1)]

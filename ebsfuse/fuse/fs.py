@@ -548,7 +548,9 @@ class SnapshotFS(pyfuse3.Operations):
         }
 
     @guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer); its stub says bytes. A
+    # view of blocks a fetch worker left in shared memory is replied with no copy of our own.
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         if fh in self.stats_files:
             return self.stats_files[fh][off : off + size]
         node, window = self.open_files[fh]
@@ -557,7 +559,7 @@ class SnapshotFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)  # cannot happen: an open file pins its image
         if off >= node.size:
             return b""
-        return await image.read(node.start + off, min(size, node.size - off), window)
+        return await image.read_buffer(node.start + off, min(size, node.size - off), window)
 
     @guarded
     async def release(self, fh: int) -> None:
