@@ -308,40 +308,48 @@ def test_a_block_keeps_its_home_while_anything_holds_it(
 def test_a_read_across_blocks_in_homes_side_by_side_is_a_view_of_them(
     emu: Emulator, env: dict[str, str]
 ) -> None:
-    """Homes are taken in order, so blocks fetched one after another lie side by side, and a
-    read across them is one view of the shared memory, with no copy; anything else (a hole in
-    the range, homes out of order) is joined into bytes. Either way the bytes are exact."""
-    blocks = {i: os.urandom(BLOCK_SIZE) for i in (0, 1, 2, 3, 5, 6, 7, 9)}
+    """A block's home is the one its index maps to, when free, so consecutive blocks lie side
+    by side whatever order they were fetched in, and a read across them is one view of the
+    shared memory, with no copy; anything else (a hole in the range, a block whose home was
+    taken) is joined into bytes. Either way the bytes are exact."""
+    keep = 20  # homes: the ring wraps every 20 blocks
+    last = 2 * keep + 9  # the last block written: a hole follows it
+    blocks = {i: os.urandom(BLOCK_SIZE) for i in range(last + 1)}
     sid = emu.create_snapshot(blocks=blocks, volume_size_gib=1)
     client = EbsClient(ClientSettings())
     policy = RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.05)
     ctx = FetchContext(client, cache_bytes=16 * BLOCK_SIZE, max_concurrency=4, policy=policy)
-    ctx.pool = FetchPool(client.settings, 1, 4, client.rate_limiter, keep=16 + 4)
+    pool = ctx.pool = FetchPool(client.settings, 1, 4, client.rate_limiter, keep=keep)
     image = SnapshotImage(describe_snapshot(client, sid, policy), ctx)
+    # Where the snapshot's turn of the ring puts its first home: blocks base to base + 7 lie
+    # side by side, with no wrap.
+    base = next(i for i in range(keep) if pool.home_for(sid, i) == pool.slots)
 
     def expected(offset: int, size: int) -> bytes:
-        volume = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(10))
+        volume = b"".join(blocks.get(i, bytes(BLOCK_SIZE)) for i in range(last + 3))
         return volume[offset : offset + size]
 
     async def read_in_order(*indexes: int) -> None:
-        for index in indexes:  # one after another: each takes the next home
-            await image.reader.read_block(index)
+        for index in indexes:  # one after another, in this order
+            await image.reader.read_block(base + index)
 
     async def scenario() -> None:
         async with ctx.running():
-            await read_in_order(0, 1, 2, 3, 7, 9, 6, 5)
+            # Block base + 25 takes the home of base + 5 first; 6 is fetched before 5.
+            await read_in_order(25, 3, 2, 1, 0, 6, 5)
+            at = base * BLOCK_SIZE
             cases = {
-                (0, 2 * BLOCK_SIZE): memoryview,  # two whole blocks
-                (BLOCK_SIZE - 100, 2 * BLOCK_SIZE + 200): memoryview,  # parts of three
-                (3 * BLOCK_SIZE + 7, 100): memoryview,  # within one
-                (7 * BLOCK_SIZE + 5, 2 * BLOCK_SIZE): bytes,  # across the hole at 8
-                (5 * BLOCK_SIZE, 2 * BLOCK_SIZE): bytes,  # 6 was fetched before 5
+                (at, 2 * BLOCK_SIZE): memoryview,  # two whole blocks
+                (at + BLOCK_SIZE - 100, 2 * BLOCK_SIZE + 200): memoryview,  # parts of three
+                (at + 3 * BLOCK_SIZE + 7, 100): memoryview,  # within one
+                (last * BLOCK_SIZE + 5, 2 * BLOCK_SIZE): bytes,  # into the hole after it
+                (at + 5 * BLOCK_SIZE, 2 * BLOCK_SIZE): bytes,  # 5's home was taken
             }
             for (offset, size), kind in cases.items():
                 got = await image.read_buffer(offset, size)
                 assert type(got) is kind and got == expected(offset, size), (offset, size)
                 assert await image.read(offset, size) == expected(offset, size)
-            assert type(await image.read(0, 2 * BLOCK_SIZE)) is bytes
+            assert type(await image.read(at, 2 * BLOCK_SIZE)) is bytes
 
     try:
         trio.run(scenario)

@@ -13,10 +13,11 @@ The shared memory holds two kinds of slot:
   block answered into a home stays there: the daemon hands out a read-only view of it
   (`_HomedBlock`), and the home is free again only when the last reference to the block, and
   to every view of it, is gone. No home is written while anything can still read it, and the
-  cache's eviction frees homes as it frees bytes. Homes are taken in the order they were
-  given back, so blocks fetched in order mostly lie side by side, and a FUSE read across them
-  is replied from one view of them (`adjoining`) instead of a join. Measured (#16): the copy
-  out of a slot and the join were each 7-9% of the daemon's CPU for a cold block.
+  cache's eviction frees homes as it frees bytes. A block's home is, when free, the one its
+  index maps to, so consecutive blocks lie side by side whatever order their requests went
+  in, and a FUSE read across them is replied from one view of them (`adjoining`) instead of a
+  join. Measured (#16): the copy out of a slot and the join were each 7-9% of the daemon's CPU
+  for a cold block.
 A request is written into a free home when there is one, else into its own request slot. The
 homes run short only while blocks evicted from the cache are still held (a reader's, or a
 failure's traceback until the collector takes it); such a block is copied, nothing waits.
@@ -38,7 +39,6 @@ makes one attempt and says how it went.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -52,6 +52,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -76,12 +77,12 @@ DRAIN_BATCH = 16
 class _HomedBlock(ctypes.c_char * BLOCK_SIZE):  # type: ignore[misc]
     """A verified block in its home in the shared memory. Views of it (memoryviews, their
     slices) hold it alive, so the home is given back only when nothing can read it any more.
-    The last reference may go in any thread (a disk-tier write): `deque.append` is atomic."""
+    The last reference may go in any thread (a disk-tier write): `set.add` is atomic."""
 
     __slots__ = ("_free_homes", "_home", "_memory")
 
     def __del__(self) -> None:
-        self._free_homes.append(self._home)
+        self._free_homes.add(self._home)
 
 
 def _span_type(blocks: int) -> type[ctypes.Array[ctypes.c_char]]:
@@ -97,8 +98,8 @@ _SPAN_TYPES: dict[int, type[ctypes.Array[ctypes.c_char]]] = {}
 
 def adjoining(blocks: list[bytes | memoryview | None]) -> memoryview | None:
     """One read-only view of `blocks` when each is a view of the home right after the one
-    before (homes are taken and given back in order, so blocks fetched in order mostly are):
-    a FUSE reply across blocks needs no copy then. The view holds every block it spans."""
+    before (`FetchPool.home_for`): a FUSE reply across blocks needs no copy then. The view
+    holds every block it spans."""
     homed: list[_HomedBlock] = []
     for block in blocks:
         owner = block.obj if isinstance(block, memoryview) else None
@@ -213,9 +214,7 @@ class FetchPool:
             "max_pool_connections": connections,
             "audit_log": None,  # the daemon writes the audit log, from the answers
         }
-        # Sparse: a page of the memfd is allocated when a block is first written there. Homes
-        # are taken in the order they were given back, so blocks fetched one after another
-        # (and evicted in that order) keep landing in homes side by side (`adjoining`).
+        # Sparse: a page of the memfd is allocated when a block is first written there.
         size = (slots + keep) * BLOCK_SIZE
         self._arguments = [str(slots + keep), str(connections), json.dumps(fields)]
         self._memfd = os.memfd_create("ebsfuse-blocks", os.MFD_CLOEXEC)
@@ -223,7 +222,8 @@ class FetchPool:
         self._memory = mmap.mmap(self._memfd, size)
         self._view = memoryview(self._memory)
         self._free = list(range(slots))
-        self._free_homes = collections.deque(range(slots, slots + keep))
+        self._keep = keep
+        self._free_homes = set(range(slots, slots + keep))
         self._slot_freed = trio.lowlevel.ParkingLot()
         self._waiting: dict[int, _Waiter] = {}
         self._ids = itertools.count()
@@ -265,7 +265,7 @@ class FetchPool:
         except NotSent:
             self._free_slot(slot)
             raise
-        home = self._free_homes.popleft() if self._free_homes else slot
+        home = self._take_home(snapshot_id, index, slot)
         waiter = await self._send(slot, home, (snapshot_id, index, token, timeout))
         try:
             await waiter.event.wait()
@@ -325,11 +325,31 @@ class FetchPool:
         self._free.append(slot)
         self._slot_freed.unpark()
 
+    def home_for(self, snapshot_id: str, index: int) -> int:
+        """The home block `index` of the snapshot takes when it is free: the index's place in
+        a ring of the homes, turned by the snapshot (so two snapshots read at once do not
+        contend for the same homes). A block and the next one lie side by side but where the
+        ring wraps; the block the ring maps to one home before is long evicted when a
+        snapshot is read in order, since the homes outnumber the cache's blocks."""
+        turn = zlib.crc32(snapshot_id.encode())
+        return self.slots + (index + turn) % self._keep
+
+    def _take_home(self, snapshot_id: str, index: int, slot: int) -> int:
+        """The block's own home if free, else any free home, else its request slot. (Another
+        thread only ever adds to the free homes: a home seen free here stays free.)"""
+        if not self._free_homes:
+            return slot
+        home = self.home_for(snapshot_id, index)
+        if home in self._free_homes:
+            self._free_homes.remove(home)
+            return home
+        return self._free_homes.pop()
+
     def _release(self, waiter: _Waiter) -> None:
         """Both of a request's slots, with no block to keep in its home."""
         self._free_slot(waiter.slot)
         if waiter.home != waiter.slot:
-            self._free_homes.append(waiter.home)
+            self._free_homes.add(waiter.home)
 
     def _take(self, waiter: _Waiter) -> tuple[bytes | memoryview, str, float]:
         answer = waiter.answer
