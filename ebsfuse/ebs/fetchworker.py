@@ -91,6 +91,12 @@ STREAM_BUFFER = ResponseReader.MAX_LINE + 64 * 1024
 STEPS_PER_TURN = 64
 # A nonblocking socket with nothing to give or take now; under TLS either way round, since a
 # read may need to write (and a write to read).
+# madvise(2)'s MADV_POPULATE_WRITE (Linux 5.14): a slot's pages are allocated in one call the
+# first time a block is written there, not by a fault per 4 KiB page. On this VM a page's first
+# touch is what costs (0.40 ms per 512 KiB by faults, 0.29 populated, 0.05 once touched); the
+# daemon's homes are touched once each, as the cache first fills. Older kernels refuse it, and
+# the faults do the same work.
+MADV_POPULATE_WRITE = 23
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # What a connection fails with below HTTP (a bug is anything else).
 NETWORK_FAILURES = (OSError, ssl.SSLError, ProtocolError, Oversized, IncompleteBody)
@@ -305,6 +311,7 @@ class FetchLoop:
         self._requests = requests
         self._requests.setblocking(False)
         self._slots = slots
+        self._untouched = bytearray(b"\x01" * (len(slots) // BLOCK_SIZE))
         self._keep_at_most = max(1, keep)
         self._idle: dict[int, Stream] = {}  # kept alive for the next request, by descriptor
         self._reading: dict[int, Flight] = {}  # flights with a connection, by its descriptor
@@ -468,7 +475,16 @@ class FetchLoop:
                 self._fail(flight, failure)
 
     def _slot(self, slot: int) -> memoryview:
+        if self._untouched[slot]:
+            self._untouched[slot] = 0
+            self._populate(slot)
         return self._slots[slot * BLOCK_SIZE : (slot + 1) * BLOCK_SIZE]
+
+    def _populate(self, slot: int) -> None:
+        memory = self._slots.obj
+        if isinstance(memory, mmap.mmap):
+            with contextlib.suppress(OSError):
+                memory.madvise(MADV_POPULATE_WRITE, slot * BLOCK_SIZE, BLOCK_SIZE)
 
     # -- a flight's progress --------------------------------------------------------------------
 
