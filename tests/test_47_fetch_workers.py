@@ -34,7 +34,7 @@ from ebsfuse.ebs.ratelimit import RateLimiter
 from ebsfuse.ebs.retry import RetryPolicy
 from ebsfuse.emulator import Emulator
 
-from .conftest import MountedSnapshots, daemon_pids, needs_fuse, wait_for
+from .conftest import MountedSnapshots, daemon_pids, needs_fuse, run_ebsfuse, wait_for
 
 
 def workers_of(daemon: int) -> list[int]:
@@ -84,6 +84,17 @@ def test_workers_give_the_same_bytes_and_audit_lines_as_threads(
             assert len(workers_of(daemon)) == int(workers)
             with open(mount.image(), "rb") as f:
                 digests[workers] = hashlib.sha256(f.read(64 * BLOCK_SIZE)).hexdigest()
+            done = run_ebsfuse("stats", "--json", str(mnt), env=env, check=True)
+            pool = json.loads(done.stdout).get("fetch_workers")
+            if workers == "2":
+                # Every block fetched is held in its home, by the cache; none needed a copy.
+                assert pool is not None and pool["processes"] == 2
+                assert pool["homes_held"] == len(blocks) and pool["blocks_copied"] == 0
+                assert pool["requests_in_flight"] == 0 and pool["restarts"] == 0
+                human = run_ebsfuse("stats", str(mnt), env=env, check=True).stdout
+                assert f"{len(blocks)} of {pool['homes']} homes holding blocks" in human
+            else:
+                assert pool is None
         lines = [json.loads(line) for line in audit.read_text().splitlines()]
         assert sorted(line["block"] for line in lines) == sorted(blocks)
         for line in lines:
@@ -254,9 +265,10 @@ def test_requests_cancelled_before_their_worker_took_them_give_their_slots_back(
                     os.kill(worker, signal.SIGCONT)
             # The requests sent are answered now; their slots come back with the answers.
             with trio.fail_after(45):
-                # White-box: a leaked slot or home never comes back.
-                while len(pool._free) < slots or len(pool._free_homes) < slots:
+                # A leaked slot or home never comes back.
+                while pool.stats()["requests_in_flight"] or pool.stats()["homes_held"]:
                     await trio.sleep(0.05)
+            assert pool.stats()["restarts"] == (end == "killed")
             with trio.fail_after(30):
                 async with trio.open_nursery() as again:
                     for index, token in tokens.items():
@@ -298,6 +310,7 @@ def test_a_block_keeps_its_home_while_anything_holds_it(
             assert isinstance(third, memoryview) and third == blocks[6]
             fourth, _, _ = await pool.get(sid, 8, tokens[8], lambda: 30.0)
             assert isinstance(fourth, bytes) and fourth == blocks[8]
+            assert pool.stats()["blocks_copied"] == 2 and pool.stats()["homes_held"] == 1
             nursery.cancel_scope.cancel()
         assert third == blocks[6]  # the pool is closed; the block it left is still whole
 

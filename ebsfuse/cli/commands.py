@@ -165,6 +165,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"rate {now}{cap}; {rate['throttles']} throttling answers, "
             f"{rate['rate_cuts']} cuts, {rate['waited_s']:.1f} s waited"
         )
+    workers = stats.get("fetch_workers")
+    if workers is not None:
+        print(
+            f"fetch workers {workers['processes']}: {workers['requests_in_flight']} of "
+            f"{workers['slots']} request slots in use, {workers['homes_held']} of "
+            f"{workers['homes']} homes holding blocks, {workers['blocks_copied']} blocks "
+            f"copied for want of a home, {workers['restarts']} restarts"
+        )
     catalogue = stats.get("catalogue")
     if catalogue is not None:
         print(

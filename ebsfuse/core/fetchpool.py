@@ -230,6 +230,8 @@ class FetchPool:
         self._workers: list[_Worker] = []
         self._broken: EbsError | None = None
         self._closed = False
+        self.copied = 0  # blocks answered into a request slot, for want of a free home
+        self.restarts = 0  # workers started again after one ended
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the workers and read their answers until cancelled; then stop them."""
@@ -325,6 +327,18 @@ class FetchPool:
         self._free.append(slot)
         self._slot_freed.unpark()
 
+    def stats(self) -> dict[str, int]:
+        """For `ebsfuse stats`: the processes, what is in flight and where blocks are held."""
+        return {
+            "processes": self.processes,
+            "requests_in_flight": self.slots - len(self._free),
+            "slots": self.slots,
+            "homes": self._keep,
+            "homes_held": self._keep - len(self._free_homes),
+            "blocks_copied": self.copied,
+            "restarts": self.restarts,
+        }
+
     def home_for(self, snapshot_id: str, index: int) -> int:
         """The home block `index` of the snapshot takes when it is free: the index's place in
         a ring of the homes, turned by the snapshot (so two snapshots read at once do not
@@ -362,6 +376,7 @@ class FetchPool:
         if waiter.home == waiter.slot:
             start = waiter.slot * BLOCK_SIZE
             data = bytes(self._view[start : start + BLOCK_SIZE])
+            self.copied += 1
         else:
             data = self._homed(waiter.home)
         self._free_slot(waiter.slot)
@@ -390,6 +405,7 @@ class FetchPool:
             if self._closed or self._broken is not None:
                 return
             self._workers[number] = self._start(number)
+            self.restarts += 1
 
     @staticmethod
     def _answers_in(message: bytes, worker: _Worker) -> list[tuple[Any, ...]] | None:

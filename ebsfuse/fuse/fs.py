@@ -535,6 +535,8 @@ class SnapshotFS(pyfuse3.Operations):
                 "storing": ctx.disk.writable,
                 **ctx.disk.stats.as_dict(),
             }
+        if ctx.pool is not None:
+            out["fetch_workers"] = ctx.pool.stats()
         if isinstance(ctx.lineage, Lineage):
             out["lineage"] = {
                 "snapshots": ctx.lineage.members,
