@@ -35,7 +35,7 @@ from ebsfuse.ebs.errors import ChecksumMismatch, EbsError
 from ebsfuse.ebs.fastget import FastBlockGetter
 from ebsfuse.ebs.sigv4 import Signer, StaticCredentials
 from ebsfuse.emulator import Emulator
-from tests.worker_loop import LeanGetter
+from tests.worker_loop import LeanGetter, LoopGetter
 
 SNAP = "snap-0123456789abcdef0"
 
@@ -402,6 +402,44 @@ def test_refreshed_credentials_are_used(
         f"Credential={second['x-amz-security-token'].replace('token-', 'AKIAGEN')}/"
         in (second["authorization"])
     )
+
+
+def test_a_credential_refresh_under_way_holds_no_request_of_the_worker(
+    fake: Callable[..., FakeServer], env: dict[str, str]
+) -> None:
+    """The worker's loop signs every request. Temporary credentials in their last 15 minutes
+    are refreshed by its refresher thread; meanwhile (a slow IMDS or STS) the loop signs with
+    the current ones, which have 10 minutes left at the least, and its requests go on."""
+    data = os.urandom(BLOCK_SIZE)
+    server = fake(lambda head: block_response(data))
+    refreshing, release, refreshed = threading.Event(), threading.Event(), threading.Event()
+
+    def metadata(minutes_left: float) -> dict[str, str]:
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=minutes_left)
+        return {
+            "access_key": "AKIA",
+            "secret_key": "s",
+            "token": "t",
+            "expiry_time": expiry.isoformat(),
+        }
+
+    def refresh() -> dict[str, str]:
+        refreshing.set()
+        release.wait(20)  # an endpoint that takes its time
+        refreshed.set()
+        return metadata(60)
+
+    # Twelve minutes left: inside botocore's advisory window, outside its mandatory one.
+    creds = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        metadata(12), refresh, "test"
+    )
+    with LoopGetter(settings(server.endpoint), creds, refresh_every=0.05) as getter:
+        try:
+            assert refreshing.wait(10), "the refresher never asked for the credentials"
+            assert getter.get_block(SNAP, 0, "AAAA", timeout=10) == data
+            assert not refreshed.is_set()  # answered while the refresh was still under way
+        finally:
+            release.set()
 
 
 def test_session_token_from_the_standard_chain_is_sent(

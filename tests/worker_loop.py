@@ -17,7 +17,7 @@ from typing import Any
 
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.ebs.fastget import FastBlockGetter
-from ebsfuse.ebs.fetchworker import MAX_MESSAGE, FetchLoop, error_from
+from ebsfuse.ebs.fetchworker import MAX_MESSAGE, REFRESH_EVERY_S, FetchLoop, error_from
 from ebsfuse.ebs.ratelimit import Unpaced
 from ebsfuse.ebs.settings import ClientSettings
 
@@ -28,12 +28,18 @@ NO_TIMEOUT = 3600.0
 class LoopGetter:
     """`get_block` through a `FetchLoop`, one request at a time."""
 
-    def __init__(self, settings: ClientSettings, credentials_provider: Any = None) -> None:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        credentials_provider: Any = None,
+        refresh_every: float = REFRESH_EVERY_S,
+    ) -> None:
         self.getter = FastBlockGetter(settings, credentials_provider)
         self.getter.limiter = Unpaced()  # as in a worker: the daemon paces
         self._ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._view = memoryview(mmap.mmap(-1, BLOCK_SIZE))
-        loop = FetchLoop(self.getter, theirs, self._view, settings.max_pool_connections)
+        connections = settings.max_pool_connections
+        loop = FetchLoop(self.getter, theirs, self._view, connections, refresh_every)
         self._thread = threading.Thread(target=self._serve, args=(loop, theirs), daemon=True)
         self._thread.start()
         self._ids = itertools.count()

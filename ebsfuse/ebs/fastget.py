@@ -638,6 +638,13 @@ class FastBlockGetter:
             return provider.get_frozen_credentials
         return provider
 
+    def refresh_credentials(self) -> None:
+        """Ask for the credentials, so that a refresh coming due happens here, on the caller's
+        thread (the fetch worker's refresher), rather than inside a request. Never raises: a
+        refresh that failed is met again, and reported, by the request that needs it."""
+        with contextlib.suppress(Exception):
+            self._credentials()
+
     # -- the request ----------------------------------------------------------------------------
 
     def get_block(

@@ -91,6 +91,12 @@ STREAM_BUFFER = ResponseReader.MAX_LINE + 64 * 1024
 STEPS_PER_TURN = 64
 # A nonblocking socket with nothing to give or take now; under TLS either way round, since a
 # read may need to write (and a write to read).
+# How often the worker's refresher thread asks for the credentials. botocore refreshes temporary
+# credentials (IMDS, STS: milliseconds to seconds) in their last 15 minutes; a caller that finds
+# the refresh under way in another thread goes on with the current ones unless fewer than 10
+# minutes are left. Asked every minute from a thread of its own, the refresh starts there, and
+# the loop, which signs every request, never waits for it.
+REFRESH_EVERY_S = 60.0
 # madvise(2)'s MADV_POPULATE_WRITE (Linux 5.14): a slot's pages are allocated in one call the
 # first time a block is written there, not by a fault per 4 KiB page. On this VM a page's first
 # touch is what costs (0.40 ms per 512 KiB by faults, 0.29 populated, 0.05 once touched); the
@@ -301,11 +307,34 @@ class Connector:
         self.wake.close()
 
 
+class Refresher:
+    """A thread that asks for the credentials every `every` seconds (`REFRESH_EVERY_S`)."""
+
+    def __init__(self, getter: FastBlockGetter, every: float) -> None:
+        self._getter = getter
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refresh", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._getter.refresh_credentials()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 class FetchLoop:
     """Answers the daemon's requests from `requests`, each block into its slot of `slots`."""
 
     def __init__(
-        self, getter: FastBlockGetter, requests: socket.socket, slots: memoryview, keep: int
+        self,
+        getter: FastBlockGetter,
+        requests: socket.socket,
+        slots: memoryview,
+        keep: int,
+        refresh_every: float = REFRESH_EVERY_S,
     ) -> None:
         self._getter = getter
         self._requests = requests
@@ -322,6 +351,7 @@ class FetchLoop:
         self._waiting_to_send = False
         self._epoll = select.epoll()
         self._connector = Connector(getter, CONNECTORS)
+        self._refresher = Refresher(getter, refresh_every)
         self._open = True
 
     def run(self) -> None:
@@ -601,6 +631,7 @@ class FetchLoop:
         for stream in self._idle.values():
             stream.close()
         self._idle.clear()
+        self._refresher.close()
         self._connector.close()
         self._epoll.close()
 
