@@ -22,6 +22,7 @@ from pathlib import Path
 from ebsfuse import BLOCK_SIZE
 from ebsfuse.core.reader import FAILED_HOLD_S
 from ebsfuse.emulator import Emulator
+from ebsfuse.fuse.mount import HOME_SLACK
 
 from .conftest import MountedSnapshots, daemon_pids, needs_fuse
 
@@ -36,9 +37,10 @@ MAX_CONCURRENCY = 64
 # A short budget keeps stalls from holding many of the 64 request slots (a third of it each).
 BLOCK_TIMEOUT_S = 9.0
 # The README's bound: the cache, the blocks of the requests in flight (each at most 512 KiB:
-# larger bodies are refused unread), and the interpreter, boto3, pyfuse3 and trio (~80 MiB
-# measured at rest), with room for the copies a reply makes.
-RSS_BOUND_MIB = CACHE_MIB + MAX_CONCURRENCY * BLOCK_SIZE // 2**20 + 112
+# larger bodies are refused unread), the fetch workers' few homes of slack, and the
+# interpreter, boto3, pyfuse3 and trio (~80 MiB measured at rest), with room for the copies a
+# reply makes.
+RSS_BOUND_MIB = CACHE_MIB + (MAX_CONCURRENCY + HOME_SLACK) * BLOCK_SIZE // 2**20 + 112
 
 MIXED_FAULTS = {
     "fail_rate": 0.06,  # InternalServerException (500)
