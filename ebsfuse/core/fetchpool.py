@@ -9,7 +9,7 @@ hundred bytes and receives a few dozen; the block stays where the worker wrote i
 The shared memory holds two kinds of slot:
 - `slots` request slots, one per request in flight (`--max-concurrency`): taking one is the
   limit of requests in flight. A block answered into one is copied out, and the slot is free.
-- `keep` homes, as many as the block cache holds blocks plus one per request in flight. A
+- `keep` homes: one per block the cache holds, one per request in flight, and a few more. A
   block answered into a home stays there: the daemon hands out a read-only view of it
   (`_HomedBlock`), and the home is free again only when the last reference to the block, and
   to every view of it, is gone. No home is written while anything can still read it, and the
@@ -340,11 +340,12 @@ class FetchPool:
         }
 
     def home_for(self, snapshot_id: str, index: int) -> int:
-        """The home block `index` of the snapshot takes when it is free: the index's place in
-        a ring of the homes, turned by the snapshot (so two snapshots read at once do not
-        contend for the same homes). A block and the next one lie side by side but where the
-        ring wraps; the block the ring maps to one home before is long evicted when a
-        snapshot is read in order, since the homes outnumber the cache's blocks."""
+        """The home block `index` of the snapshot takes when it is free: the index's place on a
+        ring of the homes, turned by the snapshot (two snapshots read at once start at
+        different places). Consecutive blocks get consecutive homes but where the ring wraps.
+        A home's last block was a ring's length before, which a snapshot read in order has
+        passed and the cache has evicted: the ring is longer than the cache and the requests
+        in flight (by `mount.HOME_SLACK`)."""
         turn = zlib.crc32(snapshot_id.encode())
         return self.slots + (index + turn) % self._keep
 

@@ -89,8 +89,6 @@ STREAM_BUFFER = ResponseReader.MAX_LINE + 64 * 1024
 # answer's head and body are a dozen; a server sending a million one-byte chunks is not
 # served ahead of everyone else.
 STEPS_PER_TURN = 64
-# A nonblocking socket with nothing to give or take now; under TLS either way round, since a
-# read may need to write (and a write to read).
 # How often the worker's refresher thread asks for the credentials. botocore refreshes temporary
 # credentials (IMDS, STS: milliseconds to seconds) in their last 15 minutes; a caller that finds
 # the refresh under way in another thread goes on with the current ones unless fewer than 10
@@ -103,6 +101,8 @@ REFRESH_EVERY_S = 60.0
 # daemon's homes are touched once each, as the cache first fills. Older kernels refuse it, and
 # the faults do the same work.
 MADV_POPULATE_WRITE = 23
+# A nonblocking socket with nothing to give or take now; under TLS either way round, since a
+# read may need to write (and a write to read).
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # What a connection fails with below HTTP (a bug is anything else).
 NETWORK_FAILURES = (OSError, ssl.SSLError, ProtocolError, Oversized, IncompleteBody)
