@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from ebsfuse import BLOCK_SIZE
+from ebsfuse.core.fetchpool import HOME_SLACK
 from ebsfuse.core.reader import FAILED_HOLD_S
 from ebsfuse.emulator import Emulator
-from ebsfuse.fuse.mount import HOME_SLACK
 
 from .conftest import MountedSnapshots, daemon_pids, needs_fuse
 

@@ -72,6 +72,19 @@ STOP_TIMEOUT_S = 5.0
 # Answers taken in one go before the reader lets other tasks run: the waiters it woke, and
 # the FUSE handlers, should not wait behind a long drain.
 DRAIN_BATCH = 16
+# Homes beyond one per block the cache holds and one per request in flight. A block's home is
+# the one its index maps to on a ring of the homes (`FetchPool.home_for`), last used by the
+# block a ring's length before, which a sequential read has passed and the cache evicts, but
+# only as the next answer arrives: with no slack that home was still held half the time, the
+# block went elsewhere, and only half of a 2 GiB `dd`'s 1 MiB reads found their blocks side by
+# side (`adjoining`); with 16 (8 MiB), all of them did.
+HOME_SLACK = 16
+
+
+def homes_for(cache_blocks: int, slots: int) -> int:
+    """The homes (`FetchPool`'s `keep`) for a cache of `cache_blocks` and `slots` requests in
+    flight: one for each, and the slack that keeps a block's own home free when it asks."""
+    return cache_blocks + slots + HOME_SLACK
 
 
 class _HomedBlock(ctypes.c_char * BLOCK_SIZE):  # type: ignore[misc]
@@ -345,7 +358,7 @@ class FetchPool:
         different places). Consecutive blocks get consecutive homes but where the ring wraps.
         A home's last block was a ring's length before, which a snapshot read in order has
         passed and the cache has evicted: the ring is longer than the cache and the requests
-        in flight (by `mount.HOME_SLACK`)."""
+        in flight (by `HOME_SLACK`, with `homes_for`)."""
         turn = zlib.crc32(snapshot_id.encode())
         return self.slots + (index + turn) % self._keep
 

@@ -374,9 +374,9 @@ def build_filesystem(opts: MountOptions, client: EbsClient) -> tuple[SnapshotFS,
         ctx.disk = DiskCache(opts.cache_dir, opts.cache_dir_size)
         log.info("disk cache %s: up to %d bytes", ctx.disk.directory, ctx.disk.max_bytes)
     if opts.fetch_workers:
-        from ..core.fetchpool import FetchPool
+        from ..core.fetchpool import FetchPool, homes_for
 
-        keep = opts.cache_bytes // BLOCK_SIZE + opts.max_concurrency + HOME_SLACK
+        keep = homes_for(opts.cache_bytes // BLOCK_SIZE, opts.max_concurrency)
         ctx.pool = FetchPool(
             client.settings, opts.fetch_workers, opts.max_concurrency, client.rate_limiter, keep
         )
@@ -455,15 +455,6 @@ def snapshot_start_times(opts: MountOptions) -> dict[str, datetime]:
     except Exception as exc:
         log.info("snapshot start times unknown (%s); mtime is the mount time", exc)
         return {}
-
-
-# Homes of the fetch workers' blocks beyond one per block the cache holds and one per request in
-# flight. A block's home is the one its index maps to on a ring of the homes (`FetchPool.
-# home_for`), last used by the block a ring's length before, which a sequential read has passed
-# and the cache evicts, but only as the next answer arrives: with no slack that home was still
-# held half the time, the block went elsewhere, and only half of a 2 GiB `dd`'s 1 MiB reads found
-# their blocks side by side (`adjoining`); with 16 (8 MiB), all of them did.
-HOME_SLACK = 16
 
 
 def fuse_options(opts: MountOptions) -> set[str]:
